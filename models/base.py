@@ -1,0 +1,117 @@
+"""What a model family provides to graphopt.
+
+A model family (``models/deepseek_v3``, ``models/tiny``) builds a :class:`ModelBundle` from its
+Hydra config node. The bundle is everything the pipeline needs from a model:
+
+* ``layer``: the dygraph Layer. Its ``forward(*args, forward_meta)`` is one decoder step and
+  returns a tuple ``(logits, *updated_state)``; ``state_fields`` name the meta fields that the
+  updated state replaces (e.g. the latent KV caches), in the same order.
+* ``meta``: ONE forward-meta object reused across steps (SOT guards on object identity: a new
+  object per step retraces the whole model, DESIGN §9). Batches update its fields in place.
+* ``host_inputs``: the meta fields that live on the host and change every step
+  (``max_len_tensor_cpu``). They seed the placement analysis.
+* ``make_batch(kind, seq_lens, cached_lens)``: fills ``meta`` for one step and returns the step's
+  positional tensor args.
+* patch bookkeeping for source-stage passes, so a failing pass can be rolled back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import paddle
+
+BATCH_KINDS = ("prefill", "decode", "mixed")
+
+
+@dataclass
+class StepBatch:
+    """One decoder step: positional tensor args plus the (shared) forward-meta, already filled."""
+
+    kind: str
+    args: tuple[paddle.Tensor, ...]
+    meta: Any
+    seq_lens: list[int]  # new tokens per sequence this step
+    cached_lens: list[int]  # tokens already in the cache per sequence
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(self.seq_lens))
+
+
+@dataclass
+class ModelBundle:
+    """A built model, ready to run eagerly, to be traced, and to be patched by source passes."""
+
+    name: str
+    layer: paddle.nn.Layer
+    meta: Any
+    host_inputs: tuple[str, ...]
+    state_fields: tuple[str, ...]
+    make_batch: Callable[..., StepBatch]
+    #: random_batch(rng, kind) -> StepBatch: a valid random step of that kind (for verification).
+    random_batch: Callable[[np.random.Generator, str], StepBatch]
+    #: reset_state(): empty caches (fresh sequences).
+    reset_state: Callable[[], None]
+    #: pad_batch(batch, num_tokens) -> StepBatch with exactly num_tokens tokens; padding tokens
+    #: belong to no sequence, change no real output and no real cache row (capture sizes).
+    pad_batch: Callable[[StepBatch, int], StepBatch]
+    config: Any = None
+    #: (owner object, attribute name, original value), in the order patches were applied.
+    _patches: list[tuple[Any, str, Any]] = field(default_factory=list)
+
+    # -- eager execution ------------------------------------------------------------------
+    def step(self, batch: StepBatch, commit: bool = True) -> list[np.ndarray]:
+        """Run one step eagerly; return [logits, *state]; write the new state into meta."""
+        with paddle.no_grad():
+            outs = self.layer(*batch.args, batch.meta)
+        outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+        if commit:
+            self.commit_state(outs[1:])
+        return [o.numpy() for o in outs]
+
+    def commit_state(self, new_state: list[Any]) -> None:
+        """Copy updated state into the meta's tensors in place (identity is kept for SOT)."""
+        for field_name, value in zip(self.state_fields, new_state, strict=True):
+            target = resolve_meta_field(self.meta, field_name)
+            src = value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value)
+            paddle.assign(src, output=target)
+
+    # -- source patches (capture-control-flow) --------------------------------------------
+    def patch(self, owner: Any, attr: str, new: Any) -> None:
+        """Replace ``owner.attr`` (e.g. a Layer class's method), remembering the original."""
+        self._patches.append((owner, attr, owner.__dict__.get(attr, getattr(owner, attr))))
+        setattr(owner, attr, new)
+
+    def patch_checkpoint(self) -> int:
+        return len(self._patches)
+
+    def restore_patches(self, checkpoint: int = 0) -> None:
+        """Undo the patches applied after `checkpoint`, newest first."""
+        while len(self._patches) > checkpoint:
+            owner, attr, original = self._patches.pop()
+            setattr(owner, attr, original)
+
+
+def resolve_meta_field(meta: Any, path: str) -> paddle.Tensor:
+    """``"caches.3"`` -> ``meta.caches[3]``; ``"max_len_tensor_cpu"`` -> that attribute."""
+    obj = meta
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def meta_tensor_fields(meta: Any) -> dict[str, paddle.Tensor]:
+    """Every tensor reachable from the meta's attributes (lists/tuples indexed), by path."""
+    out: dict[str, paddle.Tensor] = {}
+    for name, value in vars(meta).items():
+        if isinstance(value, paddle.Tensor):
+            out[name] = value
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                if isinstance(v, paddle.Tensor):
+                    out[f"{name}.{i}"] = v
+    return out

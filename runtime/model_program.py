@@ -1,0 +1,122 @@
+"""The one object that travels through the pipeline (DESIGN §2).
+
+Source-stage passes act on ``mp.model`` (the dygraph Layer and its Python functions); the trace
+step fills ``mp.program`` and the feed/parameter tables; program-stage passes act on the program
+and its metadata (host inputs, prologue, blacklist, segments). Nothing reaches around it.
+
+Program conventions (established by ``runtime.trace``):
+
+* every per-step input of the program is a ``pd_op.data`` op; its name says where the value comes
+  from each step: ``arg.<i>`` (the i-th tensor argument of the step), ``meta.<field>[.<index>]``
+  (a tensor of the forward-meta object, e.g. ``meta.max_len_tensor_cpu``, ``meta.caches.3``), or
+  ``hoisted.<k>`` (an output of the host prologue, see hoist-host-branch-conditions);
+* weights stay ``builtin.parameter`` ops; their values are in ``mp.params`` by parameter name;
+* the step outputs are the ``builtin.shadow_output`` ops, in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import paddle
+
+    from models.base import ModelBundle
+
+
+@dataclass
+class GraphBreak:
+    """One SOT graph break: why, and where in the model's source."""
+
+    reason: str  # SOT's reason class, e.g. "DataDependencyControlFlowBreak"
+    message: str
+    file: str
+    line: int
+    function: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reason": self.reason,
+            "message": self.message,
+            "file": self.file,
+            "line": self.line,
+            "function": self.function,
+        }
+
+
+@dataclass
+class TraceInfo:
+    """What tracing one step through SOT produced."""
+
+    subgraphs: int = 0
+    graph_breaks: list[GraphBreak] = field(default_factory=list)
+    compile_count: int = 0
+    ops: int = 0
+    time_s: float = 0.0
+    #: meta tensors that SOT bound as builtin.parameter (captured by reference): fed by value now.
+    host_bound_by_reference: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "subgraphs": self.subgraphs,
+            "graph_breaks": len(self.graph_breaks),
+            "graph_break_details": [b.to_dict() for b in self.graph_breaks],
+            "compile_count": self.compile_count,
+            "ops": self.ops,
+            "time_s": round(self.time_s, 4),
+            "host_bound_by_reference": list(self.host_bound_by_reference),
+        }
+
+
+@dataclass
+class HostPrologue:
+    """Host work hoisted out of the captured program; runs eagerly every step.
+
+    ``program`` reads feeds named like the main program's (e.g. ``meta.max_len_tensor_cpu``) and
+    its fetches, in order, become the main program's ``hoisted.<k>`` feeds (``outputs[k]``).
+    """
+
+    program: paddle.pir.Program
+    outputs: list[str]  # names of the main program's pd_op.data ops fed by this prologue
+
+
+@dataclass
+class ModelProgram:
+    """The model, its traced program, and everything the passes learn about it."""
+
+    model: ModelBundle
+    program: paddle.pir.Program | None = None
+    #: builtin.parameter name -> value (weights). Host inputs are never here: they are feeds.
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    #: names of pd_op.data feeds that carry runtime host values (seed of the placement analysis).
+    host_inputs: list[str] = field(default_factory=list)
+    prologue: HostPrologue | None = None
+    #: op names that must not be captured (what FLAGS_cuda_graph_blacklist gets).
+    blacklist: list[str] = field(default_factory=list)
+    #: flags to set before the first compile, e.g. {"FLAGS_cuda_graph_blacklist": "pd_op.if"}.
+    flags: dict[str, str] = field(default_factory=dict)
+    #: set by piecewise-split: runtime.segments.SegmentPlan
+    segments: Any = None
+    trace: TraceInfo = field(default_factory=TraceInfo)
+    #: free-form results of analyses and passes that the report shows (hazards, ...).
+    facts: dict[str, Any] = field(default_factory=dict)
+    #: properties that currently hold (e.g. "traced", "single-graph", "no-hazards").
+    properties: set[str] = field(default_factory=set)
+    full_cuda_graph: bool = False
+
+    def clone(self) -> ModelProgram:
+        """A copy whose program can be mutated without touching this one (for rollback)."""
+        import copy
+
+        from runtime.pir_utils import clone_program
+
+        new = copy.copy(self)
+        new.program = clone_program(self.program) if self.program is not None else None
+        new.host_inputs = list(self.host_inputs)
+        new.blacklist = list(self.blacklist)
+        new.flags = dict(self.flags)
+        new.facts = copy.deepcopy(self.facts)
+        new.properties = set(self.properties)
+        return new
