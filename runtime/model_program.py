@@ -58,11 +58,23 @@ class TraceInfo:
     #: meta tensors that SOT bound as builtin.parameter (captured by reference): fed by value now.
     host_bound_by_reference: list[str] = field(default_factory=list)
 
+    def break_sites(self) -> list[dict[str, Any]]:
+        """Distinct places the graph broke (innermost model frame), with how often SOT said so."""
+        sites: dict[tuple, dict[str, Any]] = {}
+        for b in self.graph_breaks:
+            key = (b.file, b.line, b.function)
+            if key not in sites:
+                sites[key] = {**b.to_dict(), "count": 0}
+            sites[key]["count"] += 1
+            if b.reason == "DataDependencyControlFlowBreak":
+                sites[key]["reason"] = b.reason
+        return list(sites.values())
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "subgraphs": self.subgraphs,
             "graph_breaks": len(self.graph_breaks),
-            "graph_break_details": [b.to_dict() for b in self.graph_breaks],
+            "break_sites": self.break_sites(),
             "compile_count": self.compile_count,
             "ops": self.ops,
             "time_s": round(self.time_s, 4),

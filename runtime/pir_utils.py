@@ -180,3 +180,47 @@ _CALLSTACK_ATTR = re.compile(r",?op_callstack:\[[^\]]*\]")
 
 def strip_callstacks(text: str) -> str:
     return _CALLSTACK_ATTR.sub("", text)
+
+
+#: ops that are kept by dead-op pruning even when nothing uses their results.
+_ROOT_OPS = frozenset({"builtin.shadow_output", "pd_op.data", "builtin.parameter", "cf.yield"})
+
+
+def has_uses(value: paddle.pir.Value) -> bool:
+    return len(value.all_used_ops()) > 0
+
+
+def remove_dead_ops(block: paddle.pir.Block, keep_inputs: bool = True) -> int:
+    """Remove ops of `block` whose results nobody uses (repeat until stable). Returns how many.
+
+    Feeds (pd_op.data) and parameters are kept when `keep_inputs` (the runtime feeds by name);
+    outputs and yields are always kept.
+    """
+    roots = _ROOT_OPS if keep_inputs else frozenset({"builtin.shadow_output", "cf.yield"})
+    removed = 0
+    changed = True
+    while changed:
+        changed = False
+        for op in reversed(list(block.ops)):
+            if op.name() in roots:
+                continue
+            if any(has_uses(r) for r in op.results()):
+                continue
+            block.remove_op(op)
+            removed += 1
+            changed = True
+    return removed
+
+
+def remove_outputs(program: paddle.pir.Program) -> None:
+    """Drop every builtin.shadow_output (before giving a program new outputs)."""
+    block = program.global_block()
+    for op in list(block.ops):
+        if op.name() == "builtin.shadow_output":
+            block.remove_op(op)
+
+
+def value_desc(value: paddle.pir.Value) -> str:
+    """``pd_op.cast#3:tensor<b>``-style description for reports."""
+    op = value.get_defining_op()
+    return f"{op.name() if op else '?'}:{list(value.shape)}:{value.dtype}"

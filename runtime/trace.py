@@ -1,0 +1,208 @@
+"""Trace one decoder step through SOT into a PIR program the program-stage passes can read.
+
+SOT (``paddle.jit.to_static(full_graph=False)``) turns the step into one or more compiled
+subgraphs; every data-dependent Python ``if`` on a Tensor breaks the graph. We record, from SOT's
+own collectors (DESIGN §9): the subgraphs, the graph breaks with reason and source location,
+the compile count and the op count.
+
+When the step is ONE graph, its program is normalised so the runtime owns every input:
+
+* SOT passes tensors reached through objects (the forward-meta) either as ``pd_op.data`` inputs
+  or, inside ``capture_control_flow``-marked functions, as ``builtin.parameter`` bound *by
+  reference* (``generated_tensor_N``). Replacing such a tensor between steps is silently not
+  seen (DESIGN §9). Both kinds become ``pd_op.data`` named ``meta.<field>`` here, so the runtime
+  feeds them by value every step; the by-reference ones are listed in the report.
+* step arguments become ``arg.<i>``; weights stay parameters, their values go to ``mp.params``.
+
+The data-op -> tensor mapping is exact: SOT calls each compiled graph with the flat tuple of its
+input tensors in ``concrete_program.inputs`` order, and we record that call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import paddle
+
+from models.base import StepBatch, meta_tensor_fields
+from runtime.model_program import GraphBreak, ModelProgram
+from runtime.pir_utils import clone_program_with_mapping, op_count, static_mode
+
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>[^\s]+)')
+
+
+class TraceError(Exception):
+    """Tracing failed or produced something graphopt cannot use."""
+
+
+@contextlib.contextmanager
+def _sot_collectors() -> Iterator[dict[int, tuple]]:
+    """Collect break reasons + compile counts, and record each compiled graph's first inputs."""
+    from paddle.jit.sot.symbolic.compile_cache import FallbackWrapper
+    from paddle.jit.sot.utils.envs import ENV_SOT_COLLECT_INFO, EnvironmentVariableGuard
+    from paddle.jit.sot.utils.info_collector import InfoCollector
+
+    calls: dict[int, tuple] = {}
+    original_call = FallbackWrapper.__call__
+
+    def recording_call(self, *args, **kwargs):
+        if id(self) not in calls and args and isinstance(args[0], tuple):
+            calls[id(self)] = args[0]
+        return original_call(self, *args, **kwargs)
+
+    InfoCollector().clear()
+    FallbackWrapper.__call__ = recording_call
+    try:
+        with EnvironmentVariableGuard(
+            ENV_SOT_COLLECT_INFO, {"breakgraph_reason": [], "compile_count": []}
+        ):
+            yield calls
+    finally:
+        FallbackWrapper.__call__ = original_call
+
+
+def _reset_sot_caches() -> None:
+    """Forget earlier translations so this trace compiles (and reports) from scratch."""
+    from paddle.jit.sot.opcode_translator.executor.executor_cache import OpcodeExecutorCache
+    from paddle.jit.sot.symbolic.compile_cache import CompileSIRCache
+
+    OpcodeExecutorCache().clear()
+    CompileSIRCache().clear()
+
+
+def _root_location(message: str, model_roots: tuple[str, ...]) -> tuple[str, int, str]:
+    """The innermost model frame named in a (possibly nested) SOT break message."""
+    frames = [
+        (m.group("file"), int(m.group("line")), m.group("func"))
+        for m in _FRAME.finditer(message)
+    ]
+    in_model = [f for f in frames if "site-packages/paddle" not in f[0]]
+    for prefer in (
+        [f for f in in_model if any(r in f[0] for r in model_roots)],
+        in_model,
+        frames,
+    ):
+        if prefer:
+            return prefer[-1]
+    return ("", -1, "")
+
+
+def _collect_breaks(model_roots: tuple[str, ...]) -> tuple[list[GraphBreak], int]:
+    """Every break SOT recorded, each located at its innermost frame outside Paddle.
+
+    SOT records a break once where it happens and once more for each enclosing inlined call
+    (``BreakGraphInlineCallBreak`` ... ``caused by`` ...); the count is SOT's own, the location
+    is the deepest model frame of the chain (the function whose control flow broke the graph).
+    """
+    from paddle.jit.sot.utils.info_collector import InfoCollector, InfoType
+
+    info = InfoCollector().get_info_dict(InfoType.E2E_INFO)
+    breaks: list[GraphBreak] = []
+    for item in info.get("BreakGraphReasonInfo", []):
+        reason = item.reason
+        message = str(reason)
+        file, line, func = _root_location(message, model_roots)
+        if not file and getattr(reason, "file_path", ""):
+            file, line = reason.file_path, reason.line_number
+        cause = message.strip().splitlines()[-1].strip()
+        root = type(reason).__name__
+        if "control flow" in cause:
+            root = "DataDependencyControlFlowBreak"
+        breaks.append(GraphBreak(root, cause, file, line, func))
+    compile_count = len(info.get("CompileCountInfo", []))
+    InfoCollector().clear()
+    return breaks, compile_count
+
+
+def trace_step(mp: ModelProgram, batch: StepBatch, model_roots: tuple[str, ...] = ("/models/",)):
+    """Trace `batch` through SOT; fill ``mp.trace`` and, for a single graph, ``mp.program``.
+
+    Returns the step's outputs as SOT computed them (for the numerics check).
+    """
+    from paddle.jit.sot.symbolic.compile_cache import CompileSIRCache
+
+    layer = mp.model.layer
+    _reset_sot_caches()
+    t0 = time.perf_counter()
+    with _sot_collectors() as calls:
+        static_fn = paddle.jit.to_static(layer.forward, full_graph=False)
+        with paddle.no_grad():
+            outs = static_fn(*batch.args, batch.meta)
+    elapsed = time.perf_counter() - t0
+    breaks, compile_count = _collect_breaks(model_roots)
+
+    wrappers = list(CompileSIRCache().cache.values())
+    graphs = [w for w in wrappers if w.concrete_program is not None]
+    mp.trace.time_s = elapsed
+    mp.trace.graph_breaks = breaks
+    mp.trace.compile_count = compile_count
+    mp.trace.subgraphs = len(graphs)
+    mp.trace.ops = sum(op_count(w.concrete_program.main_program) for w in graphs)
+    mp.properties.add("traced")
+    mp.facts["sot_step_fn"] = static_fn
+
+    if len(graphs) == 1 and not mp.trace.graph_breaks:
+        w = graphs[0]
+        if id(w) not in calls:
+            raise TraceError("SOT compiled one graph but never called it; cannot map its inputs")
+        _adopt_program(mp, w, calls[id(w)], batch)
+        mp.properties.add("single-graph")
+    else:
+        mp.program = None
+        mp.properties.discard("single-graph")
+    return outs
+
+
+def _adopt_program(mp: ModelProgram, wrapper: Any, inputs: tuple, batch: StepBatch) -> None:
+    """Clone SOT's program and rename/convert its inputs (see module docstring)."""
+    cp = wrapper.concrete_program
+    program, mapping = clone_program_with_mapping(cp.main_program)
+
+    by_id: dict[int, str] = {id(t): f"arg.{i}" for i, t in enumerate(batch.args)}
+    meta_fields = meta_tensor_fields(batch.meta)
+    by_id.update({id(t): f"meta.{path}" for path, t in meta_fields.items()})
+
+    # 1. pd_op.data inputs, in the order SOT fed them.
+    input_values = cp.inputs[0] if cp.inputs and isinstance(cp.inputs[0], list) else cp.inputs
+    if len(input_values) != len(inputs):
+        raise TraceError(
+            f"SOT graph has {len(input_values)} inputs but was called with {len(inputs)}"
+        )
+    for value, tensor in zip(input_values, inputs, strict=True):
+        name = by_id.get(id(tensor))
+        if name is None:
+            raise TraceError(
+                f"a traced input of shape {list(tensor.shape)} is neither a step argument nor "
+                "a forward-meta tensor; pass every per-step tensor through one of them"
+            )
+        op = mapping.look_up(value).get_defining_op()
+        op.set_str_attr("name", name)
+
+    # 2. builtin.parameter: weights stay; meta tensors bound by reference become data ops.
+    tensors, values = cp.parameters
+    params = {}
+    by_reference = []
+    for tensor, value in zip(tensors, values, strict=True):
+        new_value = mapping.look_up(value)
+        op = new_value.get_defining_op()
+        pname = op.attrs()["parameter_name"]
+        meta_name = by_id.get(id(tensor))
+        if meta_name is None:
+            params[pname] = tensor.numpy()
+            continue
+        by_reference.append(meta_name)
+        with static_mode():
+            from runtime.pir_utils import add_data_op
+
+            data = add_data_op(program, meta_name, list(tensor.shape), tensor.dtype)
+        new_value.replace_all_uses_with(data)
+        program.global_block().remove_op(op)
+
+    mp.program = program
+    mp.params = params
+    mp.trace.host_bound_by_reference = sorted(by_reference)
+    mp.host_inputs = [f"meta.{h}" for h in mp.model.host_inputs]

@@ -1,0 +1,35 @@
+"""Shared fixtures: one process-wide Paddle import, Hydra compose() exactly as users type."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def paddle():
+    import paddle as _paddle
+
+    return _paddle
+
+
+def compose_cfg(*overrides: str):
+    """The config a user gets from `python tools/optimize.py <overrides>`."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture
+def compose():
+    return compose_cfg

@@ -1,0 +1,100 @@
+"""The command line as users type it: config groups compose, bad input is one line + exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, compose_cfg
+
+CONF = REPO / "conf"
+
+
+def _run(*args: str, cwd=None, env_extra=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GLOG_minloglevel": "2"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "optimize.py"), *args],
+        capture_output=True, text=True, cwd=cwd or REPO, env=env, timeout=600,
+    )
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g.name, f.stem) for g in sorted(CONF.iterdir()) if g.is_dir() and not g.name.startswith("_")
+     for f in sorted(g.glob("*.yaml"))],
+)
+def test_every_config_group_option_composes(group, option):
+    cfg = compose_cfg(f"{group}={option}")
+    assert cfg[group] is not None
+    if group == "pipeline":
+        from passes.manager import PassManager
+
+        PassManager.from_config(list(cfg.pipeline.passes), cfg.pipeline.options)  # validates
+
+
+def test_defaults_are_the_flagship():
+    cfg = compose_cfg()
+    assert cfg.model.name == "dsv3" and cfg.pipeline.name == "cudagraph"
+    assert cfg.full_cuda_graph is False and cfg.runtime.backend == "emulator"
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("model=nope", "unknown model 'nope'"),
+        ("pipeline=nope", "unknown pipeline 'nope'"),
+        ("no_such_key=1", "no_such_key"),
+        ("full_cuda_graph=maybe", "full_cuda_graph"),
+        ("pipeline.passes=[capture-control-flow,no-such-pass]", "unknown pass 'no-such-pass'"),
+        ("+pipeline.options.piecewise-split.bogus=1", "bogus"),
+        ("model=tiny,dsv3", "needs -m"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(override, needle, tmp_path):
+    r = _run(override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_cfg_job_prints_config():
+    r = _run("--cfg", "job", "model=tiny")
+    assert r.returncode == 0, r.stderr
+    assert "family: tiny" in r.stdout and "full_cuda_graph: false" in r.stdout
+
+
+def test_list_passes():
+    r = _run("list_passes=true")
+    assert r.returncode == 0, r.stderr
+    for name in ("capture-control-flow", "hoist-host-branch-conditions",
+                 "cudagraph-blacklist-injection", "piecewise-split", "paddle-native"):
+        assert name in r.stdout
+
+
+def test_full_cuda_graph_with_control_flow_is_one_line_exit_2(tmp_path):
+    r = _run("model=tiny", "full_cuda_graph=true", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "pd_op.if" in lines[0] and "full_cuda_graph=false" in lines[0]
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_cli_end_to_end_tiny_writes_report(tmp_path):
+    r = _run("model=tiny", f"hydra.run.dir={tmp_path}", "dump_ir=true")
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["schema_version"] == 1 and report["model"] == "tiny"
+    assert [p["name"] for p in report["passes"]] == [
+        "capture-control-flow", "hoist-host-branch-conditions",
+        "cudagraph-blacklist-injection", "piecewise-split"]
+    assert report["verified"] is True
+    assert (tmp_path / "ir").is_dir() and any((tmp_path / "ir").iterdir())
