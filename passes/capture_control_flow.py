@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import types
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -100,7 +101,9 @@ class CaptureControlFlow(Pass):
                 if not progress:
                     break
                 trace_step(mp, batch)
-            if mp.trace.graph_breaks and not unresolved:
+            if not mp.trace.graph_breaks:
+                unresolved = []
+            elif not unresolved:
                 unresolved.append({"site": "-", "why": f"gave up after {rounds} rounds"})
 
         mp.facts["traced_at_patch"] = mp.model.patch_checkpoint()
@@ -130,13 +133,26 @@ def _top_level_message(qualname: str) -> str:
 def _mark(mp, owner: Any, attr: str, fn: Any) -> bool:
     if getattr(fn, _MARK_ATTR, False):
         return False
-    marked = paddle.jit.marker.capture_control_flow(fn)
-    try:
-        setattr(marked, _MARK_ATTR, True)
-    except AttributeError:  # a wrapper that takes no attributes: remember by identity instead
-        pass
+    # Paddle's marker tags the function object itself; tag a copy, so undoing the patch
+    # (rollback, or the end of the run) leaves the model's own function untouched.
+    marked = paddle.jit.marker.capture_control_flow(_copy_function(fn))
+    setattr(marked, _MARK_ATTR, True)
     mp.model.patch(owner, attr, marked)
     return True
+
+
+def _copy_function(fn: Any) -> Any:
+    """A new function object with the same code, globals, defaults and closure."""
+    raw = getattr(fn, "__func__", fn)
+    new = types.FunctionType(
+        raw.__code__, raw.__globals__, raw.__name__, raw.__defaults__, raw.__closure__
+    )
+    new.__kwdefaults__ = raw.__kwdefaults__
+    new.__qualname__ = raw.__qualname__
+    new.__module__ = raw.__module__
+    new.__doc__ = raw.__doc__
+    new.__dict__.update({k: v for k, v in raw.__dict__.items() if k != _MARK_ATTR})
+    return new
 
 
 def _resolve_qualname(qualname: str) -> tuple[Any, str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import hydra
 from omegaconf import DictConfig
@@ -66,6 +67,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def cli_main() -> None:
     os.environ.setdefault("GLOG_minloglevel", "2")
+    # Paddle warns at import (no ccache, PIR place interface...): noise, not the user's problem.
+    warnings.filterwarnings("ignore", category=UserWarning)
     if os.environ.get("HYDRA_FULL_ERROR") != "1":
         err = preflight(sys.argv[1:])
         if err:

@@ -40,13 +40,20 @@ class ProgramRunner:
             raise KeyError(f"program needs parameters with no value: {', '.join(missing[:8])}")
         for name in needed:
             self.scope.var(name).get_tensor().set(np.asarray(params[name]), self.place)
+        # `const.*` feeds: tensors the model holds that are not parameters (see runtime.trace).
+        self.constants = {n: np.asarray(params[n]) for n in self.feed_names if n in params}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """Run once; `feeds` must hold every pd_op.data name of the program."""
-        missing = [n for n in self.feed_names if n not in feeds]
+        """Run once; `feeds` must hold every pd_op.data name of the program but `const.*`."""
+        feed = {}
+        for n in self.feed_names:
+            if n in feeds:
+                feed[n] = np.asarray(feeds[n])
+            elif n in self.constants:
+                feed[n] = self.constants[n]
+        missing = [n for n in self.feed_names if n not in feed]
         if missing:
             raise KeyError(f"missing feeds: {', '.join(missing)}")
-        feed = {n: np.asarray(feeds[n]) for n in self.feed_names}
         with static_mode(), paddle.static.scope_guard(self.scope):
             return self.exe.run(self.program, feed=feed, fetch_list=self.fetch)
 

@@ -11,6 +11,8 @@ Program conventions (established by ``runtime.trace``):
   (a tensor of the forward-meta object, e.g. ``meta.max_len_tensor_cpu``, ``meta.caches.3``), or
   ``hoisted.<k>`` (an output of the host prologue, see hoist-host-branch-conditions);
 * weights stay ``builtin.parameter`` ops; their values are in ``mp.params`` by parameter name;
+  tensors the model holds that are not parameters (buffers) are ``const.<k>`` feeds whose values
+  are in ``mp.params`` too (``runtime.executor.ProgramRunner`` feeds them);
 * the step outputs are the ``builtin.shadow_output`` ops, in order.
 """
 
@@ -119,16 +121,52 @@ class ModelProgram:
     full_cuda_graph: bool = False
 
     def clone(self) -> ModelProgram:
-        """A copy whose program can be mutated without touching this one (for rollback)."""
+        """A copy whose program can be mutated without touching this one (for rollback).
+
+        Deep: the program and the prologue's program (new ops and values), the trace info and
+        every container (params dict, lists, flags, the containers inside facts, properties).
+        Shared: the model (source patches have their own rollback), the weight arrays (passes
+        replace, never mutate them), non-container objects inside facts (see `copy_facts`) and
+        ``segments`` (passes assign a new plan, never edit one in place).
+        """
         import copy
 
         from runtime.pir_utils import clone_program
 
         new = copy.copy(self)
         new.program = clone_program(self.program) if self.program is not None else None
+        if self.prologue is not None:
+            new.prologue = HostPrologue(
+                program=clone_program(self.prologue.program), outputs=list(self.prologue.outputs)
+            )
+        new.params = dict(self.params)
         new.host_inputs = list(self.host_inputs)
         new.blacklist = list(self.blacklist)
         new.flags = dict(self.flags)
-        new.facts = copy.deepcopy(self.facts)
+        new.trace = copy.deepcopy(self.trace)
+        new.facts = copy_facts(self.facts)
         new.properties = set(self.properties)
         return new
+
+
+def copy_facts(facts: dict[str, Any]) -> dict[str, Any]:
+    """Copy of the facts: containers (dict/list/tuple/set) are copied at every depth, other
+    objects are shared.
+
+    Not ``copy.deepcopy``: facts also hold live objects that must keep their identity (the trace
+    batch references the model's ONE forward-meta object, which SOT guards on; PIR values and
+    programs cannot be deep-copied at all).
+    """
+
+    def copy_(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: copy_(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [copy_(x) for x in v]
+        if isinstance(v, tuple) and type(v) is tuple:
+            return tuple(copy_(x) for x in v)
+        if isinstance(v, set):
+            return set(v)
+        return v
+
+    return copy_(facts)

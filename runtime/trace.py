@@ -113,6 +113,13 @@ def _collect_breaks(model_roots: tuple[str, ...]) -> tuple[list[GraphBreak], int
         if "control flow" in cause:
             root = "DataDependencyControlFlowBreak"
         breaks.append(GraphBreak(root, cause, file, line, func))
+    # The root record of an inlined break carries no location; the records SOT adds for each
+    # enclosing frame right after it do. Attribute it to the next located one.
+    for i, b in enumerate(breaks):
+        if not b.file:
+            nxt = next((n for n in breaks[i + 1 :] if n.file), None)
+            if nxt is not None:
+                b.file, b.line, b.function = nxt.file, nxt.line, nxt.function
     compile_count = len(info.get("CompileCountInfo", []))
     InfoCollector().clear()
     return breaks, compile_count
@@ -172,19 +179,19 @@ def _adopt_program(mp: ModelProgram, wrapper: Any, inputs: tuple, batch: StepBat
         raise TraceError(
             f"SOT graph has {len(input_values)} inputs but was called with {len(inputs)}"
         )
+    params: dict = {}
     for value, tensor in zip(input_values, inputs, strict=True):
         name = by_id.get(id(tensor))
         if name is None:
-            raise TraceError(
-                f"a traced input of shape {list(tensor.shape)} is neither a step argument nor "
-                "a forward-meta tensor; pass every per-step tensor through one of them"
-            )
+            # A tensor the model holds that is not a parameter (a buffer, e.g. a RoPE table):
+            # constant for the step, so its value travels with the weights as a `const.` feed.
+            name = f"const.{len([n for n in params if n.startswith('const.')])}"
+            params[name] = tensor.numpy()
         op = mapping.look_up(value).get_defining_op()
         op.set_str_attr("name", name)
 
     # 2. builtin.parameter: weights stay; meta tensors bound by reference become data ops.
     tensors, values = cp.parameters
-    params = {}
     by_reference = []
     for tensor, value in zip(tensors, values, strict=True):
         new_value = mapping.look_up(value)
