@@ -1,0 +1,176 @@
+"""The piecewise runner and the CUDA-graph replay emulator (DESIGN §5).
+
+The emulator freezes, at capture, the host values a captured segment computes; replays reuse
+them. So the seed's bug is reproducible on CPU: without hoisting, ``cast(slice(max_len))`` sits
+in a captured run and the ``if`` follows the capture-time condition -> wrong branch. With the
+conditions hoisted into the host prologue, replays are exact. Host values CHANGE between steps
+on one plan (a check with one step per capture cannot see the bug, DESIGN §9).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+import logging
+
+import numpy as np
+import programs as P
+import pytest
+
+from passes.base import ConfigError
+from passes.registry import get_pass
+from runtime.cudagraph import CaptureManager, EmulatorBackend, StepExecutor
+from runtime.piecewise import StepExecutor as PiecewiseStepExecutor
+from runtime.segments import CAPTURED
+
+SIZES = [1, 2, 4, 8]
+
+
+def _mp(built, blacklist=("pd_op.if",)):
+    mp = P.model_program(built, list(blacklist))
+    get_pass("piecewise-split")().run(mp)
+    return mp
+
+
+def _random_steps(ex: StepExecutor, steps: int, seed: int) -> tuple[int, int]:
+    """Random steps on ONE shared meta (host values updated in place, as a server does);
+    returns (mismatching steps, steps)."""
+    rng = np.random.default_rng(seed)
+    meta = P.make_meta([1, 1, 0], rng)
+    mismatches = 0
+    for _ in range(steps):
+        t = int(rng.integers(1, SIZES[-1] + 1))
+        prefill, decode = (int(b) for b in rng.integers(0, 2, 2))
+        batch = P.make_batch(t, [t, prefill * t, decode * t], rng, meta)
+        got = ex.run(batch)
+        want = ex.run_whole(batch)
+        assert got[0].shape == want[0].shape == (t, P.HIDDEN)  # logits cut back to T rows
+        assert got[1].shape == want[1].shape  # state: full size
+        err = max(float(np.abs(a - b).max()) for a, b in zip(got, want, strict=True))
+        mismatches += err > 0.0
+    return mismatches, steps
+
+
+def test_step_executor_is_reexported():
+    assert StepExecutor is PiecewiseStepExecutor
+
+
+def test_hoisted_program_replays_exactly():
+    ex = StepExecutor(_mp(P.build_cond_program(hoisted=True)), "emulator", SIZES, 1)
+    mismatches, steps = _random_steps(ex, 24, seed=7)
+    assert steps >= 20 and mismatches == 0
+    st = ex.stats()
+    assert st["graphs_captured"] > 0 and st["replays"] > st["graphs_captured"]
+    assert st["warmup_runs"] == st["graphs_captured"]  # num_warmups=1 per graph
+    assert st["eager_fallbacks"] == 0
+    assert st["branches_taken"]["true"] > 0 and st["branches_taken"]["false"] > 0
+
+
+def test_unhoisted_program_replays_stale_host_values():
+    """The seed's bug, reproduced: slice+cast of max_len_tensor_cpu are frozen at capture."""
+    mp = _mp(P.build_cond_program(hoisted=False))
+    ex = StepExecutor(mp, "emulator", SIZES, 1)
+    mismatches, _ = _random_steps(ex, 24, seed=7)
+    assert mismatches > 0, "the emulator must reproduce stale-condition replays"
+    # ...and it is the capture that does it: the same plan run uncaptured is exact
+    plain = StepExecutor(mp, "none", SIZES, 1)
+    assert _random_steps(plain, 24, seed=7)[0] == 0
+
+
+def test_one_graph_per_segment_and_size():
+    mp = _mp(P.build_cond_program(hoisted=True))
+    ex = StepExecutor(mp, "emulator", SIZES, 2)
+    rng = np.random.default_rng(0)
+    meta = P.make_meta([1, 1, 1], rng)
+    for t in (1, 2, 3, 4, 1, 3):  # sizes 1, 2, 4, 4, 1, 4
+        ex.run(P.make_batch(t, [t, t, t], rng, meta))
+    keys = set(ex.capture.graphs)
+    captured_ids = {s.id for s in mp.segments.captured}
+    assert {sid for sid, _ in keys} == captured_ids  # all branches taken: every segment
+    assert {size for _, size in keys} == {1, 2, 4}
+    assert len(keys) == len(captured_ids) * 3
+    st = ex.stats()
+    assert st["graphs_captured"] == len(keys)
+    assert st["warmup_runs"] == 2 * len(keys)
+    assert st["replays"] == 6 * len(captured_ids)
+
+
+def test_padding_to_capture_size():
+    mp = _mp(P.build_cond_program(hoisted=True))
+    ex = StepExecutor(mp, "emulator", SIZES, 0)
+    rng = np.random.default_rng(1)
+    batch = P.make_batch(3, [3, 3, 0], rng)
+    got = ex.run(batch)
+    assert mp.model.pad_calls == [(3, 4)]
+    decode_if = [s for s in mp.segments.segments if s.is_branching][1]
+    not_taken = {s.id for s in decode_if.branches["true"]}  # max_len[2] == 0: no decode
+    assert set(ex.capture.graphs) == {(s.id, 4) for s in mp.segments.captured
+                                      if s.id not in not_taken}
+    want = ex.run_whole(batch)
+    assert got[0].shape == (3, P.HIDDEN)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+def test_eager_fallback_for_batches_above_largest_size(caplog):
+    mp = _mp(P.build_cond_program(hoisted=True))
+    ex = StepExecutor(mp, "emulator", SIZES, 1)
+    rng = np.random.default_rng(2)
+    batch = P.make_batch(11, [11, 11, 11], rng)
+    with caplog.at_level(logging.INFO, logger="runtime.cudagraph"):
+        got = ex.run(batch)
+        ex.run(batch)
+    st = ex.stats()
+    assert st["eager_fallbacks"] == 2 and st["graphs_captured"] == 0 and st["replays"] == 0
+    reason = "batch of 11 tokens exceeds the largest capture size 8"
+    assert st["fallback_reasons"] == {reason: 2}
+    assert [r.levelno for r in caplog.records if reason in r.getMessage()] == [
+        logging.WARNING, logging.INFO]  # loud once, quiet after
+    assert mp.model.pad_calls == []
+    want = ex.run_whole(batch)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_feeds_are_taken_by_value():
+    mp = _mp(P.build_cond_program(hoisted=True))
+    ex = StepExecutor(mp, "none", SIZES, 0)
+    batch = P.make_batch(2, [2, 2, 0], np.random.default_rng(3))
+    feeds = ex.feeds(batch)
+    assert sorted(feeds) == ["arg.0", "hoisted.0", "hoisted.1", "meta.caches.0",
+                             "meta.max_len_tensor_cpu"]
+    assert feeds["hoisted.0"].tolist() == [True] and feeds["hoisted.1"].tolist() == [False]
+    feeds["arg.0"][:] = 123.0  # a copy: the batch's tensor is untouched
+    assert float(np.abs(batch.args[0].numpy()).max()) < 100
+
+
+def test_plan_built_when_missing():
+    built = P.build_cond_program(hoisted=True)
+    mp = P.model_program(built)
+    assert mp.segments is None
+    ex = StepExecutor(mp, "none", SIZES, 0)
+    assert mp.segments is not None and len(mp.segments.captured) == 4
+    batch = P.make_batch(2, [2, 0, 2], np.random.default_rng(4))
+    assert all(np.array_equal(a, b) for a, b in
+               zip(ex.run(batch), ex.run_whole(batch), strict=True))
+
+
+def test_backend_errors():
+    mp = _mp(P.build_cond_program(hoisted=True))
+    if not P.paddle.is_compiled_with_cuda():  # one clear line instead of a CUDA crash
+        with pytest.raises(ConfigError, match="CUDA build of Paddle"):
+            StepExecutor(mp, "cuda", SIZES, 1)
+    with pytest.raises(ConfigError, match="unknown runtime backend"):
+        StepExecutor(mp, "tpu", SIZES, 1)
+    with pytest.raises(ConfigError, match="capture_sizes"):
+        StepExecutor(mp, "emulator", [], 1)
+
+
+def test_static_input_buffers_keep_their_shape():
+    mp = _mp(P.build_cond_program(hoisted=True))
+    seg = next(s for s in mp.segments.captured if s.kind == CAPTURED)
+    mgr = CaptureManager(EmulatorBackend(mp.params), SIZES, 0)
+    feeds = {n: np.ones((4, P.HIDDEN), "float32") for n in seg.feed_names}
+    mgr.run(seg, 4, feeds)
+    with pytest.raises(ValueError, match="captured with"):
+        mgr.run(seg, 4, {n: np.ones((3, P.HIDDEN), "float32") for n in seg.feed_names})

@@ -1,0 +1,301 @@
+"""piecewise-split: golden segment trees, live-ins/outs, standalone segment programs, numerics
+(all segments in order == whole program), the negative case, options, JSON and picture."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+import json
+
+import numpy as np
+import programs as P
+import pytest
+
+from passes.base import PassError, Stage
+from passes.registry import get_pass
+from runtime.executor import run_program
+from runtime.piecewise import run_plan
+from runtime.pir_utils import data_ops, op_sequence, output_names
+from runtime.segments import CAPTURED, EAGER, build_plan, extract_by_pruning
+
+IF = ["pd_op.if"]
+#: host values [max_len, max_enc, max_dec]: prefill-only, decode-only, mixed, (none present)
+PATTERNS = [[6, 6, 0], [6, 0, 6], [6, 6, 6], [6, 0, 0]]
+
+
+@pytest.fixture(scope="module")
+def seed():
+    return P.build_cond_program(hoisted=False)
+
+
+@pytest.fixture(scope="module")
+def hoisted():
+    return P.build_cond_program(hoisted=True)
+
+
+@pytest.fixture(scope="module")
+def nested():
+    return P.build_nested_program()
+
+
+def _tree(segs) -> list:
+    """(kind, ops) per segment; an eager if as (if, {branch: subtree})."""
+    out = []
+    for s in segs:
+        if s.is_branching:
+            out.append(("if", {k: _tree(v) for k, v in s.branches.items()}))
+        else:
+            out.append((s.kind, [o.split(".", 1)[1] for o in s.ops]))
+    return out
+
+
+# -- the pass contract --------------------------------------------------------------------------
+def test_pass_declaration():
+    cls = get_pass("piecewise-split")
+    assert cls.stage is Stage.PROGRAM
+    assert cls.requires == ("traced",) and cls.ensures == ("segmented",)
+    assert "cudagraph-blacklist-injection" in cls.must_run_after
+    opts = cls.Options()
+    assert opts.recurse_into_branches is True and opts.min_segment_ops == 1
+    with pytest.raises(TypeError):
+        cls.Options(no_such_option=1)
+
+
+def test_pass_writes_plan_and_stats(seed):
+    mp = P.model_program(seed)
+    before = op_sequence(mp.program, nested=True)
+    res = get_pass("piecewise-split")().run(mp)
+    assert res.modified
+    assert mp.segments is not None and "segmented" in mp.properties
+    assert op_sequence(mp.program, nested=True) == before  # the program itself is untouched
+    assert res.stats["captured"] == 5 and res.stats["eager"] == 2
+    assert res.stats["coverage"] == pytest.approx(20 / 22, abs=1e-6)
+    assert res.stats["captured_host_runtime_values"] == 4  # slice+cast twice: frozen on replay
+    assert mp.facts["segments"]["captured_host_runtime"] == {
+        0: ["pd_op.cast@10#0", "pd_op.slice@9#0"], 3: ["pd_op.cast@15#0", "pd_op.slice@14#0"]}
+
+
+def test_pass_rejects_bad_options(seed):
+    mp = P.model_program(seed)
+    cls = get_pass("piecewise-split")
+    with pytest.raises(PassError, match="min_segment_ops"):
+        cls(cls.Options(min_segment_ops=0)).run(mp)
+
+
+# -- golden segment trees -----------------------------------------------------------------------
+def test_golden_seed_program(seed):
+    plan = build_plan(seed.program, IF, seed.host_inputs)
+    assert _tree(plan.segments) == [
+        (CAPTURED, ["full", "scale", "full_int_array", "full_int_array", "slice", "cast"]),
+        ("if", {"true": [(CAPTURED, ["matmul", "relu"])], "false": []}),
+        (CAPTURED, ["full_int_array", "full_int_array", "slice", "cast"]),
+        ("if", {"true": [(CAPTURED, ["matmul", "tanh"])], "false": []}),
+        (CAPTURED, ["full", "scale", "matmul", "tanh", "full", "scale"]),
+    ]
+    assert [s.id for s in plan.walk()] == list(range(7))  # preorder ids
+    s0, if1, s3, _if4, s6 = plan.segments
+    # live-ins / live-outs, by stable value key
+    assert s0.live_in == ["arg.0", "meta.max_len_tensor_cpu"]
+    assert s0.live_out == ["pd_op.scale@6#0", "pd_op.cast@10#0"]
+    assert if1.cond == "pd_op.cast@10#0" and if1.results == ["pd_op.if@11#0"]
+    assert if1.live_in == ["pd_op.cast@10#0", "pd_op.scale@6#0"]
+    assert if1.yields == {"true": ["pd_op.relu@11/0/1#0"], "false": ["pd_op.scale@6#0"]}
+    branch = if1.branches["true"][0]
+    assert branch.block == (11, 0) and branch.op_paths == [(11, 0, 0), (11, 0, 1)]
+    assert branch.live_in == ["pd_op.scale@6#0"] and branch.live_out == ["pd_op.relu@11/0/1#0"]
+    assert s3.live_in == ["meta.max_len_tensor_cpu"] and s3.live_out == ["pd_op.cast@15#0"]
+    assert s6.live_in == ["pd_op.if@16#0", "meta.caches.0"]
+    assert s6.live_out == ["pd_op.scale@18#0", "pd_op.scale@22#0"]
+    assert plan.outputs == ["pd_op.scale@18#0", "pd_op.scale@22#0"]
+    assert plan.output_names == ["logits", "state.0"]
+    assert s0.host_runtime == {"pd_op.slice@9#0": "pd_op.slice@6#0",
+                               "pd_op.cast@10#0": "pd_op.cast@7#0"}
+
+
+def test_golden_hoisted_program(hoisted):
+    plan = build_plan(hoisted.program, IF, hoisted.host_inputs)
+    # the conditions are inputs now: nothing to capture between the two ifs
+    assert _tree(plan.segments) == [
+        (CAPTURED, ["full", "scale"]),
+        ("if", {"true": [(CAPTURED, ["matmul", "relu"])], "false": []}),
+        ("if", {"true": [(CAPTURED, ["matmul", "tanh"])], "false": []}),
+        (CAPTURED, ["full", "scale", "matmul", "tanh", "full", "scale"]),
+    ]
+    assert [s.cond for s in plan.segments if s.is_branching] == ["hoisted.0", "hoisted.1"]
+    assert all(not s.host_runtime for s in plan.walk())
+    assert plan.stats()["captured_host_runtime_values"] == 0
+
+
+def test_golden_nested_ifs(nested):
+    plan = build_plan(nested.program, IF, nested.host_inputs)
+    assert _tree(plan.segments) == [
+        (CAPTURED, ["full", "scale"]),
+        ("if", {"true": [(CAPTURED, ["matmul", "relu"]),
+                         ("if", {"true": [(CAPTURED, ["matmul", "tanh"])], "false": []}),
+                         (CAPTURED, ["full", "scale"])],
+                "false": []}),
+        (CAPTURED, ["full", "scale", "full", "scale"]),
+    ]
+    inner = plan.segments[1].branches["true"][1].branches["true"][0]
+    assert inner.block == (8, 0, 2, 0)
+
+
+def test_segment_programs_are_standalone(seed):
+    plan = build_plan(seed.program, IF, seed.host_inputs)
+    branch = plan.segments[1].branches["true"][0]
+    assert op_sequence(branch.program) == [
+        "pd_op.data", "builtin.parameter", "pd_op.matmul", "pd_op.relu", "builtin.shadow_output"]
+    assert list(data_ops(branch.program)) == branch.feed_names == ["seg2.in0"]
+    assert output_names(branch.program) == branch.output_names == ["seg2.out0"]
+    s0 = plan.segments[0]
+    assert list(data_ops(s0.program)) == ["seg0.in0", "seg0.in1"]
+    # the run's ops only (no weights read), with the live-outs as outputs
+    assert op_sequence(s0.program)[2:] == [
+        "pd_op.full", "pd_op.scale", "pd_op.full_int_array", "pd_op.full_int_array",
+        "pd_op.slice", "pd_op.cast", "builtin.shadow_output", "builtin.shadow_output"]
+
+
+@pytest.mark.parametrize("which", ["seed", "nested"])
+def test_copy_extraction_equals_clone_fold_prune(which, seed, nested):
+    """The fast extraction (copy the run's ops) builds the same programs as the DESIGN §9 recipe
+    (clone the whole program, fold the enclosing ifs, drop everything else) and both run alike."""
+    built = {"seed": seed, "nested": nested}[which]
+    plan = build_plan(built.program, IF, built.host_inputs)
+    rng = np.random.default_rng(3)
+    for seg in plan.walk():
+        if seg.program is None:
+            continue
+        pruned = extract_by_pruning(built.program, seg.op_paths, seg.live_in, seg.live_out,
+                                    f"seg{seg.id}")
+        assert sorted(op_sequence(pruned, nested=True)) == sorted(
+            op_sequence(seg.program, nested=True))
+        feeds = {}
+        for name, op in data_ops(seg.program).items():
+            v = op.result(0)
+            shape = [3 if d < 0 else d for d in v.shape]
+            dtype = str(v.dtype).replace("paddle.", "")
+            feeds[name] = (rng.integers(0, 2, shape).astype(dtype) if dtype in ("bool", "int32")
+                           else rng.standard_normal(shape).astype(dtype))
+        a = run_program(seg.program, built.params, feeds)
+        b = run_program(pruned, built.params, feeds)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+# -- numerics: all segments in order == the whole program ---------------------------------------
+@pytest.mark.parametrize("which", ["seed", "hoisted", "nested"])
+@pytest.mark.parametrize("max_len", PATTERNS, ids=lambda m: "x".join(map(str, m)))
+def test_segments_in_order_equal_whole_program(which, max_len, seed, hoisted, nested):
+    built = {"seed": seed, "hoisted": hoisted, "nested": nested}[which]
+    plan = build_plan(built.program, IF, built.host_inputs)
+    batch = P.make_batch(6, max_len, np.random.default_rng(sum(max_len)))
+    feeds = P.feeds_for(built, batch)
+    whole = run_program(built.program, built.params, feeds)
+    pieces = run_plan(plan, built.params, feeds)
+    assert len(pieces) == len(whole) == 2
+    for a, b in zip(pieces, whole, strict=True):
+        assert a.shape == b.shape
+        assert float(np.abs(a - b).max()) == 0.0
+
+
+def test_branches_are_visibly_different(seed):
+    """A wrong branch must be visible: the four host patterns give four different logits."""
+    plan = build_plan(seed.program, IF, seed.host_inputs)
+    rng = np.random.default_rng(0)
+    batch = P.make_batch(4, [4, 4, 4], rng)
+    logits = []
+    for m in PATTERNS:
+        batch = P.make_batch(4, m, rng, batch.meta)
+        batch.args = (P.paddle.to_tensor(np.ones((4, P.HIDDEN), "float32")),)
+        logits.append(run_plan(plan, seed.params, P.feeds_for(seed, batch))[0])
+    for i in range(len(logits)):
+        for j in range(i + 1, len(logits)):
+            assert float(np.abs(logits[i] - logits[j]).max()) > 1e-3
+
+
+# -- negative cases and options -----------------------------------------------------------------
+def test_negative_no_control_flow_empty_blacklist():
+    plain = P.build_plain_program()
+    plan = build_plan(plain.program, [], [])
+    assert len(plan.segments) == 1 and plan.segments[0].kind == CAPTURED
+    assert plan.eager == []
+    assert plan.coverage == 1.0
+    assert plan.segments[0].live_in == ["arg.0", "meta.caches.0"]
+    feeds = {"arg.0": np.ones((3, 8), "float32"), "meta.caches.0": np.ones((4, 8), "float32")}
+    whole = run_program(plain.program, plain.params, feeds)
+    assert all(np.array_equal(a, b) for a, b in
+               zip(run_plan(plan, plain.params, feeds), whole, strict=True))
+
+
+def test_empty_blacklist_captures_ifs_whole(seed):
+    """Without a blacklist nothing is cut: the ifs are captured with their branches (the
+    blacklist pass's job is to prevent that on a GPU)."""
+    plan = build_plan(seed.program, [], seed.host_inputs)
+    assert len(plan.segments) == 1 and plan.coverage == 1.0
+    assert plan.segments[0].ops.count("pd_op.if") == 2
+
+
+def test_no_recursion_runs_ifs_whole(seed):
+    plan = build_plan(seed.program, IF, seed.host_inputs, recurse_into_branches=False)
+    ifs = [s for s in plan.segments if s.ops == ["pd_op.if"]]
+    assert len(ifs) == 2 and all(s.kind == EAGER and s.program is not None and not s.branches
+                                 for s in ifs)
+    assert plan.coverage == pytest.approx(16 / 22)
+    feeds = P.feeds_for(seed, P.make_batch(5, [5, 5, 5], np.random.default_rng(1)))
+    whole = run_program(seed.program, seed.params, feeds)
+    assert all(np.array_equal(a, b) for a, b in
+               zip(run_plan(plan, seed.params, feeds), whole, strict=True))
+
+
+def test_min_segment_ops_reports_short_runs(seed):
+    plan = build_plan(seed.program, IF, seed.host_inputs, min_segment_ops=3)
+    assert [r["ops"] for r in plan.short_runs] == [["pd_op.matmul", "pd_op.relu"],
+                                                   ["pd_op.matmul", "pd_op.tanh"]]
+    short = plan.by_id(plan.short_runs[0]["id"])
+    assert short.kind == EAGER and "min_segment_ops=3" in short.reason
+    assert plan.coverage == pytest.approx(16 / 22)
+
+
+def test_layers_give_two_eager_ifs_each():
+    layers = 4
+    built = P.build_cond_program(hoisted=True, layers=layers)
+    plan = build_plan(built.program, IF, built.host_inputs)
+    st = plan.stats()
+    assert st["top_level_eager_control_flow"] == 2 * layers
+    assert st["eager"] == 2 * layers
+    assert st["compute_ops"] == 2 + layers * (2 + 2 + 2 + 2) + 4
+    assert st["captured_ops"] == st["compute_ops"] - 2 * layers
+
+
+# -- JSON and picture ---------------------------------------------------------------------------
+def test_plan_json(seed):
+    plan = build_plan(seed.program, IF, seed.host_inputs)
+    data = json.loads(json.dumps(plan.to_json()))
+    assert data == json.loads(plan.dumps())
+    assert [s["kind"] for s in data["segments"]] == [CAPTURED, EAGER, CAPTURED, EAGER, CAPTURED]
+    first_if = data["segments"][1]
+    assert first_if["ops"] == ["pd_op.if"] and first_if["cond"] == "pd_op.cast@10#0"
+    assert first_if["branches"]["true"][0]["ops"] == ["pd_op.matmul", "pd_op.relu"]
+    assert first_if["branches"]["false"] == []
+    assert data["segments"][0]["live_out"] == ["pd_op.scale@6#0", "pd_op.cast@10#0"]
+    assert data["stats"]["captured"] == 5
+    assert plan.summary() == plan.stats()
+
+
+def test_plan_picture(tmp_path, nested):
+    plan = build_plan(nested.program, IF, nested.host_inputs)
+    png = plan.draw(tmp_path / "plan.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = plan.draw(tmp_path / "plan.svg").read_text()
+    assert "pd_op.if #1" in svg and "pd_op.if #3" in svg and "captured #4" in svg
+
+
+def test_plan_picture_long_plan_is_elided_honestly(tmp_path):
+    built = P.build_cond_program(hoisted=False, layers=12)
+    plan = build_plan(built.program, IF, built.host_inputs)
+    assert len(plan.segments) == 49
+    svg = plan.draw(tmp_path / "plan.svg", max_segments=12, tail=2).read_text()
+    assert "37 top-level segments not drawn" in svg
+    assert "4-segment group" in svg  # the per-layer pattern, detected exactly
+    assert "captured #0 " in svg and f"captured #{plan.segments[-1].id} " in svg
