@@ -56,7 +56,9 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _max_err(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+def _max_err(a: list[np.ndarray], b: list[np.ndarray], bundle=None) -> float:
+    if bundle is not None:
+        a, b = bundle.comparable(a), bundle.comparable(b)
     err = 0.0
     for x, y in zip(a, b, strict=True):
         x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
@@ -182,7 +184,7 @@ def _verify_and_report(cfg, pm, mp, records, hazards_before, rng, run_dir: Path)
         eager = bundle.step(batch, commit=False)
         if piecewise is not None:
             got = piecewise.run(batch)
-            whole_err[kind] = _max_err(piecewise.run_whole(batch), eager)
+            whole_err[kind] = _max_err(piecewise.run_whole(batch), eager, bundle)
         elif mp.program is not None:
             from runtime.executor import run_program
 
@@ -193,7 +195,7 @@ def _verify_and_report(cfg, pm, mp, records, hazards_before, rng, run_dir: Path)
             with paddle.no_grad():
                 outs = mp.facts["sot_step_fn"](*batch.args, batch.meta)
             got = [o.numpy() for o in outs]
-        numerics[kind] = _max_err(got, eager)
+        numerics[kind] = _max_err(got, eager, bundle)
         bundle.commit_state([paddle_tensor(x) for x in eager[1:]])
 
     # -- capture + replay through the runtime backend, host values changing every step --
@@ -211,7 +213,7 @@ def _verify_and_report(cfg, pm, mp, records, hazards_before, rng, run_dir: Path)
         for kind in kinds:
             batch = bundle.random_batch(rng, kind)
             eager = bundle.step(batch, commit=False)
-            errs.append(_max_err(ex.run(batch), eager))
+            errs.append(_max_err(ex.run(batch), eager, bundle))
             bundle.commit_state([paddle_tensor(x) for x in eager[1:]])
         emulator.update(
             steps=len(errs),
@@ -336,7 +338,7 @@ def _summary(r: dict[str, Any]) -> str:
                      f" (max abs err {em.get('max_abs_err', 0):.1e})")
     for w in r["warnings"]:
         lines.append(f"warning: {w}")
-    lines.append(("verified" if r["verified"] else "VERIFY FAILED: " + r["verify_message"]))
+    lines.append("verified" if r["verified"] else "VERIFY FAILED: " + r["verify_message"])
     return "\n".join(lines)
 
 

@@ -227,3 +227,10 @@ def build_nested_program(seed: int = 0) -> Built:
         add_output(main, logits, "logits")
         add_output(main, new_cache, "state.0")
     return Built(main, _params(np.random.default_rng(seed)), [HOST_INPUT], build_prologue())
+
+
+def data_names(program: paddle.pir.Program) -> list[str]:
+    """The feed names of a program, in program order."""
+    from runtime.pir_utils import data_ops
+
+    return list(data_ops(program))

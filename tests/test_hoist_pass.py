@@ -1,0 +1,77 @@
+"""hoist-host-branch-conditions: golden IR, numerics, negative case."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from passes.manager import PassManager
+from runtime.executor import run_program
+from runtime.pir_utils import op_sequence, program_text
+from tests import programs
+
+PATTERNS = ([6, 6, 0], [6, 0, 1], [6, 3, 1], [6, 0, 0])
+
+
+def _hoist(built, **opts):
+    mp = programs.model_program(built, blacklist=[])
+    mp.properties.add("single-graph")
+    pm = PassManager.from_config(["hoist-host-branch-conditions"],
+                                 {"hoist-host-branch-conditions": opts} if opts else {})
+    (record,) = pm.run(mp)
+    return mp, record
+
+
+def test_golden_seed_chain_moves_to_prologue():
+    mp, record = _hoist(programs.build_cond_program(hoisted=False))
+    assert record.modified
+    assert record.stats["hazards_before"] == 4 and record.stats["hazards_after"] == 0
+    main = op_sequence(mp.program)
+    # CHECK-NOT: the host chain is gone from the main program ...
+    assert "pd_op.slice" not in main and "pd_op.cast" not in main
+    assert main.count("pd_op.if") == 2
+    assert programs.data_names(mp.program) == [
+        "hoisted.0", "hoisted.1", "arg.0", "meta.caches.0", "meta.max_len_tensor_cpu"]
+    # ... and the prologue is exactly that chain, ending in the two fed values.
+    assert op_sequence(mp.prologue.program) == [
+        "pd_op.data", "pd_op.full_int_array", "pd_op.full_int_array", "pd_op.slice",
+        "pd_op.cast", "pd_op.full_int_array", "pd_op.full_int_array", "pd_op.slice",
+        "pd_op.cast", "builtin.shadow_output", "builtin.shadow_output"]
+    assert mp.prologue.outputs == ["hoisted.0", "hoisted.1"]
+    # each if reads its condition straight from a hoisted feed
+    text = program_text(mp.program)
+    assert 'name:"hoisted.0"' in text and 'name:"hoisted.1"' in text
+    details = mp.facts["hazards"]["details_before"]
+    assert {d["op"] for d in details} == {"pd_op.slice", "pd_op.cast"}
+    assert all("programs.py" in (d["location"] or "") for d in details)
+
+
+@pytest.mark.parametrize("max_len", PATTERNS)
+def test_numerics_prologue_plus_main_equals_original(max_len):
+    built = programs.build_cond_program(hoisted=False, layers=2)
+    rng = np.random.default_rng(1)
+    batch = programs.make_batch(5, max_len, rng)
+    feeds = programs.feeds_for(built, batch)
+    want = run_program(built.program, built.params, feeds)
+
+    mp, _ = _hoist(programs.build_cond_program(hoisted=False, layers=2))
+    hoisted = run_program(mp.prologue.program, {}, feeds)
+    feeds = {**feeds, **dict(zip(mp.prologue.outputs, hoisted, strict=True))}
+    got = run_program(mp.program, mp.params, feeds)
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_array_equal(w, g)
+
+
+def test_negative_no_host_chain_no_change():
+    built = programs.build_plain_program()
+    before = program_text(built.program)
+    mp, record = _hoist(built)
+    assert not record.modified and mp.prologue is None
+    assert record.stats["hazards_before"] == 0
+    assert program_text(mp.program) == before
+
+
+def test_negative_already_hoisted_program_no_change():
+    mp, record = _hoist(programs.build_cond_program(hoisted=True))
+    assert not record.modified
+    assert record.stats["hazards_before"] == 0
