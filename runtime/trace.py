@@ -43,7 +43,11 @@ class TraceError(Exception):
 def _sot_collectors() -> Iterator[dict[int, tuple]]:
     """Collect break reasons + compile counts, and record each compiled graph's first inputs."""
     from paddle.jit.sot.symbolic.compile_cache import FallbackWrapper
-    from paddle.jit.sot.utils.envs import ENV_SOT_COLLECT_INFO, EnvironmentVariableGuard
+    from paddle.jit.sot.utils.envs import (
+        ENV_SOT_COLLECT_INFO,
+        EnvironmentVariableGuard,
+        min_graph_size_guard,
+    )
     from paddle.jit.sot.utils.info_collector import InfoCollector
 
     calls: dict[int, tuple] = {}
@@ -57,9 +61,10 @@ def _sot_collectors() -> Iterator[dict[int, tuple]]:
     InfoCollector().clear()
     FallbackWrapper.__call__ = recording_call
     try:
+        # MIN_GRAPH_SIZE=0: SOT would otherwise run graphs under 10 ops eagerly; we want them.
         with EnvironmentVariableGuard(
             ENV_SOT_COLLECT_INFO, {"breakgraph_reason": [], "compile_count": []}
-        ):
+        ), min_graph_size_guard(0):
             yield calls
     finally:
         FallbackWrapper.__call__ = original_call
@@ -120,9 +125,18 @@ def _collect_breaks(model_roots: tuple[str, ...]) -> tuple[list[GraphBreak], int
             nxt = next((n for n in breaks[i + 1 :] if n.file), None)
             if nxt is not None:
                 b.file, b.line, b.function = nxt.file, nxt.line, nxt.function
-    compile_count = len(info.get("CompileCountInfo", []))
+    compiled = [i.code for i in info.get("CompileCountInfo", [])]
+    if not breaks:
+        # SOT records no reason for a break in the traced (top-level) frame itself, yet splits
+        # the step there and compiles a resume function for what follows: count those.
+        for code in dict.fromkeys(c for c in compiled if c.co_name.startswith("$resume")):
+            func = code.co_name.split("@")[-1].rsplit("_", 1)[0]
+            breaks.append(GraphBreak(
+                "BreakInTracedFunction",
+                "graph broke in the traced function itself (SOT records no reason there)",
+                code.co_filename, code.co_firstlineno, func))
     InfoCollector().clear()
-    return breaks, compile_count
+    return breaks, len(compiled)
 
 
 def trace_step(mp: ModelProgram, batch: StepBatch, model_roots: tuple[str, ...] = ("/models/",)):
