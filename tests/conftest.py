@@ -6,9 +6,9 @@ import os
 
 os.environ.setdefault("GLOG_minloglevel", "2")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -119,7 +119,7 @@ def _bundle(layer):
 
 
 def test_negative_no_control_flow_nothing_marked():
-    b, mp = _bundle(_Plain())
+    _, mp = _bundle(_Plain())
     record = _run(mp)
     assert not record.modified and record.stats["marked"] == []
     assert record.stats["graph_breaks_before"] == 0 and mp.trace.subgraphs == 1
@@ -127,7 +127,7 @@ def test_negative_no_control_flow_nothing_marked():
 
 
 def test_top_level_if_is_reported_not_marked():
-    b, mp = _bundle(_TopLevelIf())
+    _, mp = _bundle(_TopLevelIf())
     record = _run(mp)
     assert not record.modified and record.stats["graph_breaks_after"] > 0
     (why,) = {u["why"] for u in record.stats["unresolved"]}

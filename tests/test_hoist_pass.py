@@ -72,6 +72,6 @@ def test_negative_no_host_chain_no_change():
 
 
 def test_negative_already_hoisted_program_no_change():
-    mp, record = _hoist(programs.build_cond_program(hoisted=True))
+    _, record = _hoist(programs.build_cond_program(hoisted=True))
     assert not record.modified
     assert record.stats["hazards_before"] == 0
