@@ -12,7 +12,7 @@ import os
 
 os.environ.setdefault("GLOG_minloglevel", "2")
 
-from runtime.cli import cli_main  # noqa: E402
+from runtime.cli import cli_main
 
 if __name__ == "__main__":
     cli_main()
