@@ -155,7 +155,7 @@ def source_location(op: paddle.pir.Operation, roots: tuple[str, ...] = ("models"
         if not m:
             continue
         f = m.group("file")
-        if "site-packages/paddle" in f or "/paddle/" in f and "site-packages" in f:
+        if "site-packages/paddle" in f or ("/paddle/" in f and "site-packages" in f):
             continue
         if any(f"/{r}/" in f for r in roots):
             best = f"{_short(f)}:{m.group('line')} ({m.group('func')})"
