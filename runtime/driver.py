@@ -72,12 +72,8 @@ def _max_err(a: list[np.ndarray], b: list[np.ndarray], bundle=None) -> float:
 def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Run the configured pipeline on the configured model; return the report (also saved)."""
     os.environ.setdefault("GLOG_minloglevel", "2")
-    from models import build_model
-    from passes.base import Stage
     from passes.instruments import IRDumpInstrument
     from passes.manager import PassManager
-    from runtime.model_program import ModelProgram
-    from runtime.trace import trace_step
 
     if cfg.get("list_passes"):
         from passes.listing import describe_passes
@@ -101,9 +97,33 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
     print(pm.describe())
 
     t_start = time.perf_counter()
+    rng = np.random.default_rng(cfg.verify.seed)
+    mp, records, hazards_before = build_and_optimize(cfg, pm, rng)
+    try:
+        report = _verify_and_report(cfg, pm, mp, records, hazards_before, rng, run_dir)
+    finally:
+        mp.model.restore_patches(0)
+    report["time_s"] = round(time.perf_counter() - t_start, 3)
+    _write_atomic(run_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    print(_summary(report))
+    if cfg.verify.get("fail_on_mismatch", True) and not report["verified"]:
+        raise VerificationError(report["verify_message"])
+    return report
+
+
+def build_and_optimize(cfg: DictConfig, pm, rng: np.random.Generator):
+    """Build the model, run source passes, trace, run program passes.
+
+    Returns ``(mp, records, hazards_before)``. The model's functions stay patched (marked) until
+    the caller runs ``mp.model.restore_patches(0)``; on error they are restored here.
+    """
+    from models import build_model
+    from passes.base import Stage
+    from runtime.model_program import ModelProgram
+    from runtime.trace import trace_step
+
     bundle = build_model(cfg.model)
     mp = ModelProgram(model=bundle, full_cuda_graph=bool(cfg.full_cuda_graph))
-    rng = np.random.default_rng(cfg.verify.seed)
     trace_batch = bundle.random_batch(rng, "mixed")
     mp.facts["trace_batch"] = trace_batch
     try:
@@ -127,15 +147,10 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
             )
         hazards_before = _hazards(mp)
         records += pm.run(mp, Stage.PROGRAM)
-        report = _verify_and_report(cfg, pm, mp, records, hazards_before, rng, run_dir)
-    finally:
+    except BaseException:
         bundle.restore_patches(0)
-    report["time_s"] = round(time.perf_counter() - t_start, 3)
-    _write_atomic(run_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
-    print(_summary(report))
-    if cfg.verify.get("fail_on_mismatch", True) and not report["verified"]:
-        raise VerificationError(report["verify_message"])
-    return report
+        raise
+    return mp, records, hazards_before
 
 
 def _hydra_run_dir() -> Path:
@@ -309,8 +324,10 @@ def _write_artifacts(mp, pm, cfg, run_dir: Path) -> dict[str, str]:
     if mp.segments is not None:
         _write_atomic(run_dir / "segments.json", json.dumps(mp.segments.to_json(), indent=1))
         out["segments"] = "segments.json"
-        pic = mp.segments.draw(run_dir / "segments.svg")
-        out["segments_picture"] = Path(pic).name if pic else "segments.svg"
+        mp.segments.draw(run_dir / "segments.svg")
+        mp.segments.draw(run_dir / "segments.png")
+        out["segments_picture"] = "segments.svg"
+        out["segments_picture_png"] = "segments.png"
     if mp.flags:
         _write_atomic(run_dir / "flags.env",
                       "".join(f"export {k}={v}\n" for k, v in sorted(mp.flags.items())))
