@@ -343,7 +343,9 @@ def _summary(r: dict[str, Any]) -> str:
     lines = [
         f"graph breaks: {r['graph_breaks']['before']} -> {r['graph_breaks']['after']} "
         f"(SOT subgraphs now {r['trace']['subgraphs']}, {r['trace']['ops']} ops)",
-        f"replay hazards: {hz['before']} -> {hz['after']}",
+        (f"replay hazards: {hz['before']} -> {hz['after']}" if hz["before"] is not None else
+         f"replay hazards: n/a (the step is {r['trace']['subgraphs']} SOT subgraphs, not one "
+         "program)"),
         f"blacklist: {','.join(r['blacklist']) or '(empty)'}",
     ]
     if seg:

@@ -70,13 +70,40 @@ def _sot_collectors() -> Iterator[dict[int, tuple]]:
         FallbackWrapper.__call__ = original_call
 
 
+#: every compiled SOT graph we made SOT forget; see _reset_sot_caches.
+_RETIRED_GRAPHS: list = []
+
+
 def _reset_sot_caches() -> None:
-    """Forget earlier translations so this trace compiles (and reports) from scratch."""
+    """Make SOT translate from scratch, without freeing a program SOT may still point into.
+
+    A fresh translation is needed so each trace reports its own graphs, breaks and compile
+    count. But freeing the old programs is unsafe: dy2static's parameter recorder and SOT's
+    infer-meta caches map (program hash, id(tensor)) to values inside them, and a later model
+    whose objects reuse those addresses crashes inside SOT (seen when two models were traced in
+    one process). So the old compiled graphs are kept alive, and the id-keyed maps are emptied.
+    """
+    from paddle.jit.dy2static import parameter_recorder
+    from paddle.jit.sot.infer_meta import InferMetaCache, LayerInferMetaCache, VariableCreator
     from paddle.jit.sot.opcode_translator.executor.executor_cache import OpcodeExecutorCache
     from paddle.jit.sot.symbolic.compile_cache import CompileSIRCache
 
+    _RETIRED_GRAPHS.extend(CompileSIRCache().cache.values())
     OpcodeExecutorCache().clear()
     CompileSIRCache().clear()
+    for recorder in vars(parameter_recorder).values():
+        if isinstance(recorder, parameter_recorder.ParametersRecorder):
+            recorder.params_dict.clear()
+            recorder.tensor2value.clear()
+    InferMetaCache().clear()
+    LayerInferMetaCache().clear()
+    # SOT infers shapes in one process-wide program; two models both naming a weight
+    # `linear_0.w_0` would clash there. Give each trace a fresh one (the old one stays alive).
+    creator = VariableCreator()
+    _RETIRED_GRAPHS.append((creator.main_program, creator.startup_program))
+    creator.main_program = paddle.static.Program()
+    creator.startup_program = paddle.static.Program()
+    creator.var_cache.clear()
 
 
 def _root_location(message: str, model_roots: tuple[str, ...]) -> tuple[str, int, str]:
