@@ -180,6 +180,7 @@ def _verify_and_report(cfg, pm, mp, records, hazards_before, rng, run_dir: Path)
 
     bundle = mp.model
     atol = float(cfg.verify.atol)
+    replay_atol = float(cfg.verify.get("replay_atol", atol))
     warnings: list[str] = []
     if mp.trace.host_bound_by_reference:
         warnings.append(
@@ -232,7 +233,8 @@ def _verify_and_report(cfg, pm, mp, records, hazards_before, rng, run_dir: Path)
             bundle.commit_state([paddle_tensor(x) for x in eager[1:]])
         emulator.update(
             steps=len(errs),
-            mismatches=sum(e > atol for e in errs),
+            mismatches=sum(e > replay_atol for e in errs),
+            atol=replay_atol,
             max_abs_err=max(errs) if errs else 0.0,
             kinds=dict(zip(*np.unique(kinds, return_counts=True), strict=True)),
             stats=ex.stats() if hasattr(ex, "stats") else {},
@@ -248,6 +250,7 @@ def _verify_and_report(cfg, pm, mp, records, hazards_before, rng, run_dir: Path)
         "pipeline": {"name": cfg.pipeline.name, "passes": pm.resolved()},
         "passes": [r.to_dict() for r in records],
         "trace": mp.trace.to_dict(),
+        "traces": mp.facts.get("traces", []),
         "graph_breaks": mp.facts["graph_breaks"],
         "hazards": {
             "before": None if hazards_before is None else len(hazards_before),
@@ -268,7 +271,7 @@ def _verify_and_report(cfg, pm, mp, records, hazards_before, rng, run_dir: Path)
         report["verified"] = False
         report["verify_message"] = (
             f"{emulator['mismatches']}/{emulator['steps']} replayed steps differ from eager "
-            f"(max abs err {emulator['max_abs_err']:.3g} > {atol:g}); replay hazards left: "
+            f"(max abs err {emulator['max_abs_err']:.3g} > {replay_atol:g}); replay hazards left: "
             f"{report['hazards']['after']}"
         )
     elif bad:

@@ -192,6 +192,15 @@ def trace_step(mp: ModelProgram, batch: StepBatch, model_roots: tuple[str, ...] 
     mp.trace.ops = sum(op_count(w.concrete_program.main_program) for w in graphs)
     mp.properties.add("traced")
     mp.facts["sot_step_fn"] = static_fn
+    # every trace of this run, in order: the first is the unmodified model's baseline
+    mp.facts.setdefault("traces", []).append({
+        "marked": mp.model.patch_checkpoint(),
+        "subgraphs": mp.trace.subgraphs,
+        "graph_breaks": len(mp.trace.graph_breaks),
+        "compile_count": compile_count,
+        "ops": mp.trace.ops,
+        "time_s": round(elapsed, 3),
+    })
 
     if len(graphs) == 1 and not mp.trace.graph_breaks:
         w = graphs[0]
