@@ -66,6 +66,28 @@ def test_bad_input_is_one_line_and_exit_2(override, needle, tmp_path):
     assert not (tmp_path / "run" / "report.json").exists()
 
 
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("model.hidden_size=-8", "model.hidden_size"),
+        ("model.num_experts_per_tok=64", "num_experts_per_tok"),
+        ("+model.not_a_hf_field=3", "not_a_hf_field"),
+        ("model.weights=/nonexistent/ckpt.safetensors", "no such file"),
+        ("model.config_json=BAD_JSON", "config_json"),
+    ],
+)
+def test_bad_model_input_is_one_line_and_exit_2(override, needle, tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text('{"hidden_size": 12,')  # malformed JSON
+    r = _run(override.replace("BAD_JSON", str(bad)), "model=dsv3",
+             f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
 def test_cfg_job_prints_config():
     r = _run("--cfg", "job", "model=tiny")
     assert r.returncode == 0, r.stderr

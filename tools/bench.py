@@ -117,6 +117,7 @@ def run(argv: list[str]) -> dict:
         "repeats": int(bench.repeats),
         "optimize_s": round(optimize_s, 3),
         "trace_s": round(mp.trace.time_s, 3),
+        "traces": mp.facts.get("traces", []),  # first = the unmodified model's baseline
         "ops": mp.trace.ops,
         "segments": plan.summary(),
         "host_dispatches_per_step_upper_bound": dispatches,
