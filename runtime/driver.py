@@ -236,7 +236,8 @@ def _verify_and_report(cfg, pm, mp, records, hazards_before, rng, run_dir: Path)
             mismatches=sum(e > replay_atol for e in errs),
             atol=replay_atol,
             max_abs_err=max(errs) if errs else 0.0,
-            kinds=dict(zip(*np.unique(kinds, return_counts=True), strict=True)),
+            kinds={str(k): int(n) for k, n in zip(*np.unique(kinds, return_counts=True),
+                                                   strict=True)},
             stats=ex.stats() if hasattr(ex, "stats") else {},
         )
     elif mp.segments is None:
