@@ -344,9 +344,11 @@ def _summary(r: dict[str, Any]) -> str:
     hz = r["hazards"]
     em = r["emulator"]
     num = ", ".join(f"{k} {v:.1e}" for k, v in r["numerics"].items())
+    first, last = r["traces"][0], r["traces"][-1]
     lines = [
         f"graph breaks: {r['graph_breaks']['before']} -> {r['graph_breaks']['after']} "
-        f"(SOT subgraphs now {r['trace']['subgraphs']}, {r['trace']['ops']} ops)",
+        f"(SOT graphs {first['subgraphs']} -> {last['subgraphs']}, graph runs per step "
+        f"{first['graph_runs']} -> {last['graph_runs']}; {last['ops']} ops)",
         (f"replay hazards: {hz['before']} -> {hz['after']}" if hz["before"] is not None else
          f"replay hazards: n/a (the step is {r['trace']['subgraphs']} SOT subgraphs, not one "
          "program)"),

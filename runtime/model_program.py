@@ -52,7 +52,11 @@ class GraphBreak:
 class TraceInfo:
     """What tracing one step through SOT produced."""
 
+    #: distinct graphs SOT compiled for the step
     subgraphs: int = 0
+    #: compiled graphs the traced step ran (a loop over layers runs one graph many times: each
+    #: run after the first is a return to Python, i.e. a graph break paid at run time)
+    graph_runs: int = 0
     graph_breaks: list[GraphBreak] = field(default_factory=list)
     compile_count: int = 0
     ops: int = 0
@@ -75,6 +79,7 @@ class TraceInfo:
     def to_dict(self) -> dict[str, Any]:
         return {
             "subgraphs": self.subgraphs,
+            "graph_runs": self.graph_runs,
             "graph_breaks": len(self.graph_breaks),
             "break_sites": self.break_sites(),
             "compile_count": self.compile_count,

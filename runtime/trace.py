@@ -40,7 +40,7 @@ class TraceError(Exception):
 
 
 @contextlib.contextmanager
-def _sot_collectors() -> Iterator[dict[int, tuple]]:
+def _sot_collectors() -> Iterator[dict]:
     """Collect break reasons + compile counts, and record each compiled graph's first inputs."""
     from paddle.jit.sot.symbolic.compile_cache import FallbackWrapper
     from paddle.jit.sot.utils.envs import (
@@ -50,10 +50,11 @@ def _sot_collectors() -> Iterator[dict[int, tuple]]:
     )
     from paddle.jit.sot.utils.info_collector import InfoCollector
 
-    calls: dict[int, tuple] = {}
+    calls: dict = {"runs": 0}
     original_call = FallbackWrapper.__call__
 
     def recording_call(self, *args, **kwargs):
+        calls["runs"] += 1
         if id(self) not in calls and args and isinstance(args[0], tuple):
             calls[id(self)] = args[0]
         return original_call(self, *args, **kwargs)
@@ -189,6 +190,7 @@ def trace_step(mp: ModelProgram, batch: StepBatch, model_roots: tuple[str, ...] 
     mp.trace.graph_breaks = breaks
     mp.trace.compile_count = compile_count
     mp.trace.subgraphs = len(graphs)
+    mp.trace.graph_runs = calls["runs"]
     mp.trace.ops = sum(op_count(w.concrete_program.main_program) for w in graphs)
     mp.properties.add("traced")
     mp.facts["sot_step_fn"] = static_fn
@@ -196,6 +198,7 @@ def trace_step(mp: ModelProgram, batch: StepBatch, model_roots: tuple[str, ...] 
     mp.facts.setdefault("traces", []).append({
         "marked": mp.model.patch_checkpoint(),
         "subgraphs": mp.trace.subgraphs,
+        "graph_runs": calls["runs"],
         "graph_breaks": len(mp.trace.graph_breaks),
         "compile_count": compile_count,
         "ops": mp.trace.ops,
