@@ -2,7 +2,7 @@
 
     python tools/bench.py                                   # default dsv3
     python tools/bench.py model.num_hidden_layers=61 bench.repeats=10
-    python tools/bench.py model=tiny bench.out=bench/out/tiny
+    python tools/bench.py model=tiny bench.out=docs/bench/tiny
 
 Modes, timed round-robin on the same batches so machine noise hits them alike:
   eager       the dygraph Layer (what SOT falls back to at every graph break)
@@ -13,7 +13,7 @@ Modes, timed round-robin on the same batches so machine noise hits them alike:
 Also counted, not timed: host dispatches per step (eager: ops launched one by one; whole: 1;
 piecewise/replay: segment runs incl. eager ifs) -- the number a CUDA graph exists to cut.
 
-Writes <out>/bench.json and <out>/bench.png. Ratios are relative to eager, same run.
+Writes <out>/bench.json and <out>/bench.png (default out: docs/bench/dsv3). Ratios are relative to eager, same run.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ warnings.filterwarnings("ignore", category=UserWarning)
 
 from omegaconf import OmegaConf  # noqa: E402
 
-BENCH_DEFAULTS = {"repeats": 20, "kinds": ["decode", "mixed", "prefill"], "out": "bench/out/dsv3"}
+BENCH_DEFAULTS = {"repeats": 20, "kinds": ["decode", "mixed", "prefill"], "out": "docs/bench/dsv3"}
 
 
 def _compose(argv: list[str]):
@@ -41,7 +41,11 @@ def _compose(argv: list[str]):
     other = [a for a in argv if not a.startswith("bench.")]
     with initialize_config_module(config_module="conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=other)
-    bench = OmegaConf.merge(OmegaConf.create(BENCH_DEFAULTS), OmegaConf.from_dotlist(bench_args))
+    given = OmegaConf.from_dotlist(bench_args).get("bench", {})
+    unknown = sorted(set(given) - set(BENCH_DEFAULTS))
+    if unknown:
+        raise SystemExit(f"bench: unknown option(s) {unknown}; known: {sorted(BENCH_DEFAULTS)}")
+    bench = OmegaConf.merge(OmegaConf.create(BENCH_DEFAULTS), given)
     return cfg, bench
 
 
