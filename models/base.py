@@ -60,9 +60,6 @@ class ModelBundle:
     #: belong to no sequence, change no real output and no real cache row (capture sizes).
     pad_batch: Callable[[StepBatch, int], StepBatch]
     config: Any = None
-    #: trailing slots (axis 0) of each state tensor that padding tokens write to: not real state,
-    #: so comparisons against eager leave them out.
-    scratch_slots: int = 0
     #: (owner object, attribute name, original value), in the order patches were applied.
     _patches: list[tuple[Any, str, Any]] = field(default_factory=list)
 
@@ -75,12 +72,6 @@ class ModelBundle:
         if commit:
             self.commit_state(outs[1:])
         return [o.numpy() for o in outs]
-
-    def comparable(self, outs: list[np.ndarray]) -> list[np.ndarray]:
-        """[logits, *state] without the scratch slots of the state (for comparing runs)."""
-        if not self.scratch_slots:
-            return list(outs)
-        return [outs[0], *(np.asarray(s)[: -self.scratch_slots] for s in outs[1:])]
 
     def commit_state(self, new_state: list[Any]) -> None:
         """Copy updated state into the meta's tensors in place (identity is kept for SOT)."""

@@ -18,13 +18,7 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from models.base import ModelBundle
-from models.deepseek_v3.batch import (
-    ForwardMeta,
-    SlotBatcher,
-    new_caches,
-    step_attention_inputs,
-    write_cache,
-)
+from models.deepseek_v3.batch import slot_model_bundle, step_attention_inputs, write_cache
 from passes.base import ConfigError
 
 
@@ -154,23 +148,4 @@ def build(cfg: Any) -> ModelBundle:
     for _, param in layer.named_parameters():
         param.set_value(rng.normal(0.0, 0.3, size=param.shape).astype(np.float32))
     layer.eval()
-    meta = ForwardMeta(
-        new_caches(
-            config.num_hidden_layers, config.max_num_seqs, config.max_seq_len, config.latent_dim
-        )
-    )
-    batcher = SlotBatcher(
-        meta, config.vocab_size, config.max_num_seqs, config.max_seq_len, max_prefill_len=4
-    )
-    return ModelBundle(
-        name=cfg.get("name") or "tiny",
-        layer=layer,
-        meta=meta,
-        host_inputs=("max_len_tensor_cpu",),
-        state_fields=tuple(f"caches.{i}" for i in range(config.num_hidden_layers)),
-        make_batch=batcher.make_batch,
-        random_batch=batcher.random_batch,
-        reset_state=batcher.reset_state,
-        pad_batch=batcher.pad_batch,
-        config=config,
-    )
+    return slot_model_bundle(cfg.get("name") or "tiny", layer, config, max_prefill_len=4)

@@ -56,9 +56,7 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _max_err(a: list[np.ndarray], b: list[np.ndarray], bundle=None) -> float:
-    if bundle is not None:
-        a, b = bundle.comparable(a), bundle.comparable(b)
+def _max_err(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     err = 0.0
     for x, y in zip(a, b, strict=True):
         x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
@@ -200,7 +198,7 @@ def _verify_and_report(cfg, pm, mp, records, hazards_before, rng, run_dir: Path)
         eager = bundle.step(batch, commit=False)
         if piecewise is not None:
             got = piecewise.run(batch)
-            whole_err[kind] = _max_err(piecewise.run_whole(batch), eager, bundle)
+            whole_err[kind] = _max_err(piecewise.run_whole(batch), eager)
         elif mp.program is not None:
             from runtime.executor import run_program
 
@@ -211,7 +209,7 @@ def _verify_and_report(cfg, pm, mp, records, hazards_before, rng, run_dir: Path)
             with paddle.no_grad():
                 outs = mp.facts["sot_step_fn"](*batch.args, batch.meta)
             got = [o.numpy() for o in outs]
-        numerics[kind] = _max_err(got, eager, bundle)
+        numerics[kind] = _max_err(got, eager)
         bundle.commit_state([paddle_tensor(x) for x in eager[1:]])
 
     # -- capture + replay through the runtime backend, host values changing every step --
@@ -229,7 +227,7 @@ def _verify_and_report(cfg, pm, mp, records, hazards_before, rng, run_dir: Path)
         for kind in kinds:
             batch = bundle.random_batch(rng, kind)
             eager = bundle.step(batch, commit=False)
-            errs.append(_max_err(ex.run(batch), eager, bundle))
+            errs.append(_max_err(ex.run(batch), eager))
             bundle.commit_state([paddle_tensor(x) for x in eager[1:]])
         emulator.update(
             steps=len(errs),

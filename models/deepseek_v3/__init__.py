@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from models.base import ModelBundle
-from models.deepseek_v3.batch import ForwardMeta, SlotBatcher, new_caches
+from models.deepseek_v3.batch import slot_model_bundle
 from models.deepseek_v3.config import DeepseekV3Config, resolve_config
 from models.deepseek_v3.modeling import DeepseekV3ForCausalLM, DeepseekV3MLAAttention
 from models.deepseek_v3.weights import init_random_weights, load_hf_safetensors
@@ -28,21 +28,4 @@ def build(cfg: Any) -> ModelBundle:
     else:
         init_random_weights(layer, seed if seed is not None else 0)
     layer.eval()
-    meta = ForwardMeta(
-        new_caches(
-            config.num_hidden_layers, config.max_num_seqs, config.max_seq_len, config.latent_dim
-        )
-    )
-    batcher = SlotBatcher(meta, config.vocab_size, config.max_num_seqs, config.max_seq_len)
-    return ModelBundle(
-        name=cfg.get("name") or "dsv3",
-        layer=layer,
-        meta=meta,
-        host_inputs=("max_len_tensor_cpu",),
-        state_fields=tuple(f"caches.{i}" for i in range(config.num_hidden_layers)),
-        make_batch=batcher.make_batch,
-        random_batch=batcher.random_batch,
-        reset_state=batcher.reset_state,
-        pad_batch=batcher.pad_batch,
-        config=config,
-    )
+    return slot_model_bundle(cfg.get("name") or "dsv3", layer, config)

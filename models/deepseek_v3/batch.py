@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import paddle
 
-from models.base import BATCH_KINDS, StepBatch
+from models.base import BATCH_KINDS, ModelBundle, StepBatch
 
 
 class ForwardMeta:
@@ -302,6 +302,33 @@ class SlotBatcher:
         """Zero every cache in place (fresh sequences; tensor identity kept for SOT)."""
         for cache in self.meta.caches:
             cache.set_value(np.zeros(cache.shape, dtype=np.float32))
+
+
+def slot_model_bundle(name: str, layer: Any, config: Any, **batcher_options: Any) -> ModelBundle:
+    """A ModelBundle for a model with per-layer slot caches (DeepSeek-V3 and the tiny model).
+
+    `config` needs num_hidden_layers, max_num_seqs, max_seq_len, latent_dim and vocab_size.
+    """
+    meta = ForwardMeta(
+        new_caches(
+            config.num_hidden_layers, config.max_num_seqs, config.max_seq_len, config.latent_dim
+        )
+    )
+    batcher = SlotBatcher(
+        meta, config.vocab_size, config.max_num_seqs, config.max_seq_len, **batcher_options
+    )
+    return ModelBundle(
+        name=name,
+        layer=layer,
+        meta=meta,
+        host_inputs=("max_len_tensor_cpu",),
+        state_fields=tuple(f"caches.{i}" for i in range(config.num_hidden_layers)),
+        make_batch=batcher.make_batch,
+        random_batch=batcher.random_batch,
+        reset_state=batcher.reset_state,
+        pad_batch=batcher.pad_batch,
+        config=config,
+    )
 
 
 def new_caches(
