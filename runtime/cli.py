@@ -56,13 +56,28 @@ def preflight(argv: list[str]) -> str | None:
     return None
 
 
+#: (job directory, exit code) of every failed job of a sweep
+_FAILED_JOBS: list[tuple[str, int]] = []
+
+
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from runtime.driver import run_cli
 
-    code = run_cli(cfg)
-    if code:
+    code, message = run_cli(cfg)
+    if not code:
+        return
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
         sys.exit(code)
+    # In a sweep one failed job must not stop the others: note it, and fail at the end.
+    job_dir = hc.runtime.output_dir
+    with open(os.path.join(job_dir, "error.txt"), "w") as f:
+        f.write(message + "\n")
+    _FAILED_JOBS.append((job_dir, code))
 
 
 def cli_main() -> None:
@@ -75,3 +90,7 @@ def cli_main() -> None:
             print(f"graphopt: error: {err}", file=sys.stderr)
             sys.exit(2)
     _hydra_main()
+    if _FAILED_JOBS:
+        print(f"graphopt: {len(_FAILED_JOBS)} sweep job(s) failed: "
+              + ", ".join(d for d, _ in _FAILED_JOBS), file=sys.stderr)
+        sys.exit(max(c for _, c in _FAILED_JOBS))

@@ -365,26 +365,22 @@ def _summary(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_cli(cfg: DictConfig) -> int:
+def run_cli(cfg: DictConfig) -> tuple[int, str]:
     """What the Hydra entry point calls: errors become one line and an exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
         optimize(cfg)
-        return 0
-    except ConfigError as e:
+        return 0, ""
+    except (ConfigError, PassError) as e:
         if full:
             raise
-        print(f"graphopt: error: {e}", file=sys.stderr)
-        return 2
-    except PassError as e:
-        if full:
-            raise
-        print(f"graphopt: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e.__cause__, ConfigError) else 1
+        code = 1 if isinstance(e, PassError) and not isinstance(e.__cause__, ConfigError) else 2
+        message = f"graphopt: error: {e}"
     except VerificationError as e:
-        print(f"graphopt: verification failed: {e}", file=sys.stderr)
-        return 1
+        code, message = 1, f"graphopt: verification failed: {e}"
+    print(message, file=sys.stderr)
+    return code, message
 
 
 def main() -> None:

@@ -148,6 +148,14 @@ def source_location(op: paddle.pir.Operation, roots: tuple[str, ...] = ("models"
     try:
         stack = op.attrs().get("op_callstack") or []
     except Exception:
+        stack = []
+    if not stack:
+        # control-flow ops keep no call stack: report where their first located body op is
+        for sub in op.blocks():
+            for inner in sub.ops:
+                where = source_location(inner, roots)
+                if where:
+                    return where
         return None
     best = None
     for frame in stack:

@@ -120,3 +120,18 @@ def test_cli_end_to_end_tiny_writes_report(tmp_path):
         "cudagraph-blacklist-injection", "piecewise-split"]
     assert report["verified"] is True
     assert (tmp_path / "ir").is_dir() and any((tmp_path / "ir").iterdir())
+
+
+def test_sweep_runs_every_job_and_reports(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = _run("-m", "model=tiny", "full_cuda_graph=true,false", f"hydra.sweep.dir={sweep}")
+    # the impossible job fails with its one line; the other still runs; the sweep exits 2
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "1 sweep job(s) failed" in r.stderr
+    assert "full_cuda_graph=true" in (sweep / "0" / "error.txt").read_text()
+    assert not (sweep / "0" / "report.json").exists()
+    assert json.loads((sweep / "1" / "report.json").read_text())["verified"] is True
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "sweep_report.py"), str(sweep)],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [ln for ln in out.splitlines() if ln.startswith("| model=tiny")]
+    assert len(rows) == 2 and "verified" in rows[1] and "pd_op.if" in rows[0]
