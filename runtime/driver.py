@@ -190,27 +190,24 @@ def _verify_and_report(cfg, pm, mp, records, hazards_before, rng, run_dir: Path)
     # -- numerics: one step of each kind, optimized vs eager (same cache state on both sides) --
     numerics: dict[str, float] = {}
     whole_err: dict[str, float] = {}
-    piecewise = None
-    if mp.segments is not None:
-        piecewise = StepExecutor(mp, backend="none", capture_sizes=[], num_warmups=0)
+    runner = None
+    if mp.program is not None:
+        runner = StepExecutor(mp, backend="none", capture_sizes=[], num_warmups=0)
     for kind in ("prefill", "decode", "mixed"):
         batch = bundle.random_batch(rng, kind)
         eager = bundle.step(batch, commit=False)
-        if piecewise is not None:
-            got = piecewise.run(batch)
-            whole_err[kind] = _max_err(piecewise.run_whole(batch), eager)
-        elif mp.program is not None:
-            from runtime.executor import run_program
-
-            got = run_program(mp.program, mp.params, _feeds(mp, batch))
-        else:
+        if runner is None:  # SOT broke the step into several graphs: check SOT's own run
             import paddle
 
             with paddle.no_grad():
-                outs = mp.facts["sot_step_fn"](*batch.args, batch.meta)
-            got = [o.numpy() for o in outs]
+                got = [o.numpy() for o in mp.facts["sot_step_fn"](*batch.args, batch.meta)]
+        elif mp.segments is None:
+            got = runner.run_whole(batch)
+        else:
+            got = runner.run(batch)
+            whole_err[kind] = _max_err(runner.run_whole(batch), eager)
         numerics[kind] = _max_err(got, eager)
-        bundle.commit_state([paddle_tensor(x) for x in eager[1:]])
+        bundle.commit_state(eager[1:])
 
     # -- capture + replay through the runtime backend, host values changing every step --
     emulator: dict[str, Any] = {"steps": 0, "mismatches": 0, "backend": cfg.runtime.backend}
@@ -228,7 +225,7 @@ def _verify_and_report(cfg, pm, mp, records, hazards_before, rng, run_dir: Path)
             batch = bundle.random_batch(rng, kind)
             eager = bundle.step(batch, commit=False)
             errs.append(_max_err(ex.run(batch), eager))
-            bundle.commit_state([paddle_tensor(x) for x in eager[1:]])
+            bundle.commit_state(eager[1:])
         emulator.update(
             steps=len(errs),
             mismatches=sum(e > replay_atol for e in errs),
@@ -236,7 +233,7 @@ def _verify_and_report(cfg, pm, mp, records, hazards_before, rng, run_dir: Path)
             max_abs_err=max(errs) if errs else 0.0,
             kinds={str(k): int(n) for k, n in zip(*np.unique(kinds, return_counts=True),
                                                    strict=True)},
-            stats=ex.stats() if hasattr(ex, "stats") else {},
+            stats=ex.stats(),
         )
     elif mp.segments is None:
         emulator["skipped"] = "no segment plan (piecewise-split not in the pipeline)"
@@ -283,26 +280,6 @@ def _verify_and_report(cfg, pm, mp, records, hazards_before, rng, run_dir: Path)
         report["verify_message"] = "ok"
     report["artifacts"] = _write_artifacts(mp, pm, cfg, run_dir)
     return report
-
-
-def paddle_tensor(x: np.ndarray):
-    import paddle
-
-    return paddle.to_tensor(x)
-
-
-def _feeds(mp, batch) -> dict[str, np.ndarray]:
-    from models.base import resolve_meta_field
-    from runtime.pir_utils import data_ops
-
-    feeds = {}
-    for name in data_ops(mp.program):
-        kind, _, rest = name.partition(".")
-        if kind == "arg":
-            feeds[name] = batch.args[int(rest)].numpy()
-        elif kind == "meta":
-            feeds[name] = resolve_meta_field(batch.meta, rest).numpy()
-    return feeds
 
 
 def _write_artifacts(mp, pm, cfg, run_dir: Path) -> dict[str, str]:

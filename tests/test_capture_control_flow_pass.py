@@ -24,6 +24,12 @@ def _tiny():
     return bundle, mp
 
 
+def _step_feeds(mp, batch):
+    from runtime.cudagraph import StepExecutor
+
+    return StepExecutor(mp, backend="none", capture_sizes=[], num_warmups=0).feeds(batch)
+
+
 def _run(mp, **opts):
     pm = PassManager.from_config(["capture-control-flow"],
                                  {"capture-control-flow": opts} if opts else {})
@@ -61,9 +67,7 @@ def test_explicit_mode_and_numerics_against_eager():
         for kind in ("prefill", "decode", "mixed"):  # host values change between steps
             batch = bundle.random_batch(rng, kind)
             want = bundle.step(batch, commit=False)
-            from runtime.driver import _feeds
-
-            got = run_program(mp.program, mp.params, _feeds(mp, batch))
+            got = run_program(mp.program, mp.params, _step_feeds(mp, batch))
             for w, g in zip(want, got, strict=True):
                 np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
     finally:
