@@ -227,8 +227,3 @@ def remove_outputs(program: paddle.pir.Program) -> None:
         if op.name() == "builtin.shadow_output":
             block.remove_op(op)
 
-
-def value_desc(value: paddle.pir.Value) -> str:
-    """``pd_op.cast#3:tensor<b>``-style description for reports."""
-    op = value.get_defining_op()
-    return f"{op.name() if op else '?'}:{list(value.shape)}:{value.dtype}"

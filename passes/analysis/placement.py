@@ -136,18 +136,11 @@ def analyze_placement(
                 for key in index.block_args.get((*path, b), ()):
                     by_key[key] = combine(by_key.get(k, Placement.DEVICE) for k in index.operand_keys(path))
                 visit((*path, b))
-            if name == "pd_op.data":
-                feed = data_name(op)
-                p = Placement.HOST_RUNTIME if feed in wanted else Placement.DEVICE
+            if name in ("pd_op.data", "builtin.parameter"):
+                input_name = data_name(op) if name == "pd_op.data" else parameter_name(op)
+                p = Placement.HOST_RUNTIME if input_name in wanted else Placement.DEVICE
                 if p is Placement.HOST_RUNTIME:
-                    sources[results[0]] = (feed,)
-                by_key[results[0]] = p
-                continue
-            if name == "builtin.parameter":
-                pname = parameter_name(op)
-                p = Placement.HOST_RUNTIME if pname in wanted else Placement.DEVICE
-                if p is Placement.HOST_RUNTIME:
-                    sources[results[0]] = (pname,)
+                    sources[results[0]] = (input_name,)
                 by_key[results[0]] = p
                 continue
             operands = index.operand_keys(path)
