@@ -26,7 +26,7 @@ def compose_cfg(*overrides: str):
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="graphopt.conf", version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
 
 

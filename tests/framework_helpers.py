@@ -17,12 +17,12 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 
 import paddle
 
-from models.base import ModelBundle
-from passes.base import NoOptions, Pass, PassResult, Stage
-from passes.registry import _REGISTRY, register_pass
-from passes.verify import register_property_check
-from runtime.model_program import ModelProgram
-from runtime.pir_utils import add_output, data_ops, static_mode
+from graphopt.ir.model_program import ModelProgram
+from graphopt.ir.pir_utils import add_output, data_ops, static_mode
+from graphopt.models.base import ModelBundle
+from graphopt.passes.base import NoOptions, Pass, PassResult, Stage
+from graphopt.passes.registry import _REGISTRY, register_pass
+from graphopt.passes.verify import register_property_check
 
 # -- programs ------------------------------------------------------------------------------------
 

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import paddle
 
-from models.base import StepBatch
-from runtime.model_program import HostPrologue, ModelProgram
-from runtime.pir_utils import add_output, static_mode
+from graphopt.ir.model_program import HostPrologue, ModelProgram
+from graphopt.ir.pir_utils import add_output, static_mode
+from graphopt.models.base import StepBatch
 
 HIDDEN = 8
 CACHE_ROWS = 4
@@ -187,7 +187,7 @@ def model_program(built: Built, blacklist: list[str] | None = None) -> ModelProg
 
 def feeds_for(built: Built, batch: StepBatch) -> dict[str, Any]:
     """The whole program's feeds for a step (prologue included) -- test reference path."""
-    from runtime.executor import run_program
+    from graphopt.runtime.executor import run_program
 
     feeds: dict[str, Any] = {
         "arg.0": batch.args[0].numpy(),
@@ -231,6 +231,6 @@ def build_nested_program(seed: int = 0) -> Built:
 
 def data_names(program: paddle.pir.Program) -> list[str]:
     """The feed names of a program, in program order."""
-    from runtime.pir_utils import data_ops
+    from graphopt.ir.pir_utils import data_ops
 
     return list(data_ops(program))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import paddle
 import pytest
 
-from passes.base import PassError
-from passes.cudagraph_blacklist_injection import FLAG, merge_flag
-from passes.manager import PassManager
-from runtime.pir_utils import program_text
+from graphopt.errors import PassError
+from graphopt.ir.pir_utils import program_text
+from graphopt.passes.cudagraph_blacklist_injection import FLAG, merge_flag
+from graphopt.passes.manager import PassManager
 from tests import programs
 
 

@@ -6,17 +6,17 @@ import numpy as np
 import paddle
 import pytest
 
-from models.base import ModelBundle, StepBatch
-from passes.base import ConfigError, PassError
-from passes.manager import PassManager
-from runtime.executor import run_program
-from runtime.model_program import ModelProgram
-from runtime.pir_utils import op_sequence
+from graphopt.errors import ConfigError, PassError
+from graphopt.ir.model_program import ModelProgram
+from graphopt.ir.pir_utils import op_sequence
+from graphopt.models.base import ModelBundle, StepBatch
+from graphopt.passes.manager import PassManager
+from graphopt.runtime.executor import run_program
 from tests.conftest import compose_cfg
 
 
 def _tiny():
-    from models import build_model
+    from graphopt.models import build_model
 
     bundle = build_model(compose_cfg("model=tiny").model)
     mp = ModelProgram(model=bundle)
@@ -25,7 +25,7 @@ def _tiny():
 
 
 def _step_feeds(mp, batch):
-    from runtime.cudagraph import StepExecutor
+    from graphopt.runtime.capture import StepExecutor
 
     return StepExecutor(mp, backend="none", capture_sizes=[], num_warmups=0).feeds(batch)
 
@@ -38,7 +38,7 @@ def _run(mp, **opts):
 
 
 def test_auto_mode_removes_every_break_and_yields_pd_op_if():
-    from models.tiny import TinyAttention
+    from graphopt.models.tiny import TinyAttention
 
     original = TinyAttention.forward
     bundle, mp = _tiny()
@@ -47,7 +47,7 @@ def test_auto_mode_removes_every_break_and_yields_pd_op_if():
         assert record.modified
         assert record.stats["graph_breaks_before"] > 0
         assert record.stats["graph_breaks_after"] == 0
-        assert record.stats["marked"] == ["models.tiny.TinyAttention.forward"]
+        assert record.stats["marked"] == ["graphopt.models.tiny.TinyAttention.forward"]
         assert mp.trace.subgraphs == 1 and mp.program is not None
         layers = bundle.config.num_hidden_layers
         assert op_sequence(mp.program).count("pd_op.if") == 2 * layers
@@ -61,7 +61,7 @@ def test_auto_mode_removes_every_break_and_yields_pd_op_if():
 def test_explicit_mode_and_numerics_against_eager():
     bundle, mp = _tiny()
     try:
-        record = _run(mp, mode="explicit", targets=["models.tiny.TinyAttention.forward"])
+        record = _run(mp, mode="explicit", targets=["graphopt.models.tiny.TinyAttention.forward"])
         assert record.stats["graph_breaks_after"] == 0 and mp.program is not None
         rng = np.random.default_rng(3)
         for kind in ("prefill", "decode", "mixed"):  # host values change between steps
@@ -77,7 +77,7 @@ def test_explicit_mode_and_numerics_against_eager():
 def test_explicit_unknown_target_is_a_config_error():
     bundle, mp = _tiny()
     with pytest.raises(PassError) as e:
-        _run(mp, mode="explicit", targets=["models.tiny.NoSuchLayer.forward"])
+        _run(mp, mode="explicit", targets=["graphopt.models.tiny.NoSuchLayer.forward"])
     assert isinstance(e.value.__cause__, ConfigError)
     assert "NoSuchLayer" in str(e.value)
     assert bundle.patch_checkpoint() == 0

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import REPO, compose_cfg
 
-CONF = REPO / "conf"
+CONF = REPO / "graphopt" / "conf"
 
 
 def _run(*args: str, cwd=None, env_extra=None) -> subprocess.CompletedProcess:
@@ -33,7 +33,7 @@ def test_every_config_group_option_composes(group, option):
     cfg = compose_cfg(f"{group}={option}")
     assert cfg[group] is not None
     if group == "pipeline":
-        from passes.manager import PassManager
+        from graphopt.passes.manager import PassManager
 
         PassManager.from_config(list(cfg.pipeline.passes), cfg.pipeline.options)  # validates
 

@@ -68,7 +68,7 @@ def test_pipeline_none_is_the_baseline(tmp_path):
 
 @pytest.mark.parametrize("model", ["tiny", "dsv3"])
 def test_without_hoist_the_emulator_reproduces_the_seed_bug(tmp_path, model):
-    from runtime.driver import optimize
+    from graphopt.driver import optimize
 
     cfg = compose_cfg(f"model={model}", "pipeline=cudagraph_no_hoist",
                       "verify.fail_on_mismatch=false", "verify.steps=24")

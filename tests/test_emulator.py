@@ -19,11 +19,11 @@ import numpy as np
 import programs as P
 import pytest
 
-from passes.base import ConfigError
-from passes.registry import get_pass
-from runtime.cudagraph import CaptureManager, EmulatorBackend, StepExecutor
-from runtime.piecewise import StepExecutor as PiecewiseStepExecutor
-from runtime.segments import CAPTURED
+from graphopt.errors import ConfigError
+from graphopt.ir.segment_plan import CAPTURED
+from graphopt.passes.registry import get_pass
+from graphopt.runtime.capture import CaptureManager, EmulatorBackend, StepExecutor
+from graphopt.runtime.step import StepExecutor as PiecewiseStepExecutor
 
 SIZES = [1, 2, 4, 8]
 
@@ -118,7 +118,7 @@ def test_eager_fallback_for_batches_above_largest_size(caplog):
     ex = StepExecutor(mp, "emulator", SIZES, 1)
     rng = np.random.default_rng(2)
     batch = P.make_batch(11, [11, 11, 11], rng)
-    with caplog.at_level(logging.INFO, logger="runtime.cudagraph"):
+    with caplog.at_level(logging.INFO, logger="graphopt.runtime.capture"):
         got = ex.run(batch)
         ex.run(batch)
     st = ex.stats()

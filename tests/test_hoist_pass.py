@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from passes.manager import PassManager
-from runtime.executor import run_program
-from runtime.pir_utils import op_sequence, program_text
+from graphopt.ir.pir_utils import op_sequence, program_text
+from graphopt.passes.manager import PassManager
+from graphopt.runtime.executor import run_program
 from tests import programs
 
 PATTERNS = ([6, 6, 0], [6, 0, 1], [6, 3, 1], [6, 0, 0])

@@ -14,12 +14,12 @@ import pytest
 from omegaconf import OmegaConf
 from safetensors.numpy import load_file, save_file
 
-from models import build_model
-from models.deepseek_v3.config import SHIPPED_CONFIG_JSON, resolve_config, write_hf_config
-from models.deepseek_v3.weights import hf_tensors, save_hf_safetensors
-from passes.base import ConfigError
+from graphopt.errors import ConfigError
+from graphopt.models import build_model
+from graphopt.models.deepseek_v3.config import SHIPPED_CONFIG_JSON, resolve_config, write_hf_config
+from graphopt.models.deepseek_v3.weights import hf_tensors, save_hf_safetensors
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "dsv3.yaml"
+CONF = Path(__file__).resolve().parents[1] / "graphopt" / "conf" / "model" / "dsv3.yaml"
 
 
 def dsv3_cfg(**overrides):

@@ -13,11 +13,11 @@ import paddle
 import pytest
 from omegaconf import OmegaConf
 
-from models import build_model
-from models.deepseek_v3.config import resolve_config
-from models.deepseek_v3.modeling import DeepseekV3MLAAttention, MoEGate
+from graphopt.models import build_model
+from graphopt.models.deepseek_v3.config import resolve_config
+from graphopt.models.deepseek_v3.modeling import DeepseekV3MLAAttention, MoEGate
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "dsv3.yaml"
+CONF = Path(__file__).resolve().parents[1] / "graphopt" / "conf" / "model" / "dsv3.yaml"
 ATOL = 2e-5
 
 

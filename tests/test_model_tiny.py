@@ -13,11 +13,11 @@ import paddle
 import pytest
 from omegaconf import OmegaConf
 
-from models import build_model
-from models.tiny import TinyAttention
-from passes.base import ConfigError
+from graphopt.errors import ConfigError
+from graphopt.models import build_model
+from graphopt.models.tiny import TinyAttention
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "tiny.yaml"
+CONF = Path(__file__).resolve().parents[1] / "graphopt" / "conf" / "model" / "tiny.yaml"
 
 
 @pytest.fixture

@@ -10,12 +10,12 @@ import framework_helpers as fh
 import numpy as np
 import pytest
 
-from passes.base import ConfigError
-from passes.manager import PassManager
-from passes.paddle_native import PaddleNative, PaddleNativeOptions, is_registered
-from passes.verify import check_program
-from runtime.executor import run_program
-from runtime.pir_utils import clone_program, op_sequence, program_text
+from graphopt.errors import ConfigError
+from graphopt.ir.pir_utils import clone_program, op_sequence, program_text
+from graphopt.passes.manager import PassManager
+from graphopt.passes.paddle_native import PaddleNative, PaddleNativeOptions, is_registered
+from graphopt.passes.verify import check_program
+from graphopt.runtime.executor import run_program
 
 X = np.array([[-1.0, 0.5, 2.0], [3.0, -0.25, 0.0]], dtype="float32")
 

@@ -15,21 +15,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from passes import registry
-from passes.base import ConfigError, Pass, PassError, PassResult, Stage
-from passes.instruments import IRDumpInstrument, PassInstrument, format_records
-from passes.listing import describe_passes
-from passes.listing import main as listing_main
-from passes.manager import PassManager, PassRecord
-from passes.options import build_options
-from passes.verify import (
+from graphopt.ir.pir_utils import op_sequence, program_text
+from graphopt.passes import registry
+from graphopt.passes.base import ConfigError, Pass, PassError, PassResult, Stage
+from graphopt.passes.instruments import IRDumpInstrument, PassInstrument, format_records
+from graphopt.passes.listing import describe_passes
+from graphopt.passes.listing import main as listing_main
+from graphopt.passes.manager import PassManager, PassRecord
+from graphopt.passes.options import build_options
+from graphopt.passes.verify import (
     PROPERTY_CHECKS,
     PassVerificationError,
     check_program,
     release_program,
     verify_program,
 )
-from runtime.pir_utils import op_sequence, program_text
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -559,7 +559,7 @@ def test_a_pass_must_return_a_pass_result():
 
 
 def test_clone_is_independent_where_passes_write_and_shares_live_objects():
-    from runtime.model_program import HostPrologue
+    from graphopt.ir.model_program import HostPrologue
 
     batch = SimpleNamespace(meta=object())  # stands for the trace batch and its ONE meta object
     mp = fh.make_mp(
@@ -618,7 +618,7 @@ def test_a_broken_input_program_is_reported_before_the_first_pass():
 def test_patch_listing_says_how_the_function_changed():
     import functools
 
-    from passes.instruments import patches_text
+    from graphopt.passes.instruments import patches_text
 
     class Owner:
         def a(self):
@@ -638,7 +638,7 @@ def test_patch_listing_says_how_the_function_changed():
 
 
 def test_a_failed_pass_that_broke_the_prologue_is_rolled_back_without_crashing():
-    from runtime.model_program import HostPrologue
+    from graphopt.ir.model_program import HostPrologue
 
     class BreakPrologue(Pass):
         name = "test-break-prologue"
@@ -663,7 +663,7 @@ def test_a_failed_pass_that_broke_the_prologue_is_rolled_back_without_crashing()
 def test_required_options_and_help_sources():
     from dataclasses import dataclass, field
 
-    from passes.options import option_help
+    from graphopt.passes.options import option_help
 
     @dataclass
     class Opts:

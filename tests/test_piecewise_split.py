@@ -13,12 +13,12 @@ import numpy as np
 import programs as P
 import pytest
 
-from passes.base import PassError, Stage
-from passes.registry import get_pass
-from runtime.executor import run_program
-from runtime.piecewise import run_plan
-from runtime.pir_utils import data_ops, op_sequence, output_names
-from runtime.segments import CAPTURED, EAGER, build_plan, extract_by_pruning
+from graphopt.ir.pir_utils import data_ops, op_sequence, output_names
+from graphopt.ir.segment_plan import CAPTURED, EAGER, build_plan, extract_by_pruning
+from graphopt.passes.base import PassError, Stage
+from graphopt.passes.registry import get_pass
+from graphopt.runtime.executor import run_program
+from graphopt.runtime.step import run_plan
 
 IF = ["pd_op.if"]
 #: host values [max_len, max_enc, max_dec]: prefill-only, decode-only, mixed, (none present)

@@ -10,15 +10,15 @@ import paddle
 import programs as P
 import pytest
 
-from passes.analysis.liveness import ProgramIndex, range_liveness
-from passes.analysis.placement import (
+from graphopt.ir.pir_utils import add_output, static_mode
+from graphopt.passes.analysis.liveness import ProgramIndex, range_liveness
+from graphopt.passes.analysis.placement import (
     Placement,
     analyze_placement,
     combine,
     find_hazards,
     is_capturable,
 )
-from runtime.pir_utils import add_output, static_mode
 
 D, HC, HR = Placement.DEVICE, Placement.HOST_CONST, Placement.HOST_RUNTIME
 

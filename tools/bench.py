@@ -39,7 +39,7 @@ def _compose(argv: list[str]):
 
     bench_args = [a for a in argv if a.startswith("bench.")]
     other = [a for a in argv if not a.startswith("bench.")]
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="graphopt.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=other)
     given = OmegaConf.from_dotlist(bench_args).get("bench", {})
     unknown = sorted(set(given) - set(BENCH_DEFAULTS))
@@ -53,11 +53,11 @@ def run(argv: list[str]) -> dict:
     import numpy as np
     import paddle
 
-    from passes.manager import PassManager
-    from runtime.cudagraph import StepExecutor
-    from runtime.driver import build_and_optimize
-    from runtime.executor import ProgramRunner
-    from runtime.pir_utils import op_count
+    from graphopt.driver import build_and_optimize
+    from graphopt.ir.pir_utils import op_count
+    from graphopt.passes.manager import PassManager
+    from graphopt.runtime.capture import StepExecutor
+    from graphopt.runtime.executor import ProgramRunner
 
     cfg, bench = _compose(argv)
     pm = PassManager.from_config(list(cfg.pipeline.passes), cfg.pipeline.options)

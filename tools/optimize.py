@@ -12,7 +12,7 @@ import os
 
 os.environ.setdefault("GLOG_minloglevel", "2")
 
-from runtime.cli import cli_main
+from graphopt.cli import main
 
 if __name__ == "__main__":
-    cli_main()
+    main()

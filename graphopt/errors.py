@@ -1,0 +1,49 @@
+"""The error classes every layer of graphopt raises (the bottom of the import graph).
+
+What the command line does with them: :class:`ConfigError` (bad user input) is one line and
+exit 2; :class:`PassError` and :class:`TraceError` (a pass or the trace could not do its job)
+are one line and exit 1, or exit 2 when caused by a ConfigError; :class:`VerificationError`
+(the optimized step computes something else than the eager model) is one line and exit 1.
+"""
+
+from __future__ import annotations
+
+
+class GraphoptError(Exception):
+    """Base class of graphopt's own errors; the message is shown to users as one line."""
+
+
+class ConfigError(GraphoptError):
+    """Bad user input: unknown pass, bad option, bad model config, impossible combination."""
+
+
+class PassError(GraphoptError):
+    """A pass could not do its job."""
+
+
+class TraceError(GraphoptError):
+    """Tracing the model failed or produced something graphopt cannot use."""
+
+
+class VerificationError(GraphoptError):
+    """The optimized program does not compute what the eager model computes."""
+
+
+def one_line(error: BaseException, limit: int = 0) -> str:
+    """`error`'s message as one line: its non-empty lines joined, Paddle's C++ frame lists cut.
+
+    Paddle appends ``[Hint: ...]`` blocks and C++ stacks below the message that matters; those
+    are dropped. With `limit`, the text is cut to that many characters.
+    """
+    keep: list[str] = []
+    for raw in str(error).splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith(("C++ Traceback", "----------", "Error Message Summary")):
+            break
+        keep.append(line)
+    text = " ".join(keep) or type(error).__name__
+    if limit and len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text

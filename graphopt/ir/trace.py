@@ -1,0 +1,268 @@
+"""Trace one decoder step through SOT into a PIR program the program-stage passes can read.
+
+SOT (``paddle.jit.to_static(full_graph=False)``) turns the step into one or more compiled
+subgraphs; every data-dependent Python ``if`` on a Tensor breaks the graph. We record, from SOT's
+own collectors (DESIGN §9): the subgraphs, the graph breaks with reason and source location,
+the compile count and the op count.
+
+When the step is ONE graph, its program is normalised so the runtime owns every input:
+
+* SOT passes tensors reached through objects (the forward-meta) either as ``pd_op.data`` inputs
+  or, inside ``capture_control_flow``-marked functions, as ``builtin.parameter`` bound *by
+  reference* (``generated_tensor_N``). Replacing such a tensor between steps is silently not
+  seen (DESIGN §9). Both kinds become ``pd_op.data`` named ``meta.<field>`` here, so the runtime
+  feeds them by value every step; the by-reference ones are listed in the report.
+* step arguments become ``arg.<i>``; weights stay parameters, their values go to ``mp.params``.
+
+The data-op -> tensor mapping is exact: SOT calls each compiled graph with the flat tuple of its
+input tensors in ``concrete_program.inputs`` order, and we record that call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import paddle
+
+from graphopt.ir.model_program import GraphBreak, ModelProgram
+from graphopt.ir.pir_utils import clone_program_with_mapping, op_count, static_mode
+from graphopt.models.base import StepBatch, meta_tensor_fields
+
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>[^\s]+)')
+
+
+class TraceError(Exception):
+    """Tracing failed or produced something graphopt cannot use."""
+
+
+@contextlib.contextmanager
+def _sot_collectors() -> Iterator[dict]:
+    """Collect break reasons + compile counts, and record each compiled graph's first inputs."""
+    from paddle.jit.sot.symbolic.compile_cache import FallbackWrapper
+    from paddle.jit.sot.utils.envs import (
+        ENV_SOT_COLLECT_INFO,
+        EnvironmentVariableGuard,
+        min_graph_size_guard,
+    )
+    from paddle.jit.sot.utils.info_collector import InfoCollector
+
+    calls: dict = {"runs": 0}
+    original_call = FallbackWrapper.__call__
+
+    def recording_call(self, *args, **kwargs):
+        calls["runs"] += 1
+        if id(self) not in calls and args and isinstance(args[0], tuple):
+            calls[id(self)] = args[0]
+        return original_call(self, *args, **kwargs)
+
+    InfoCollector().clear()
+    FallbackWrapper.__call__ = recording_call
+    try:
+        # MIN_GRAPH_SIZE=0: SOT would otherwise run graphs under 10 ops eagerly; we want them.
+        with EnvironmentVariableGuard(
+            ENV_SOT_COLLECT_INFO, {"breakgraph_reason": [], "compile_count": []}
+        ), min_graph_size_guard(0):
+            yield calls
+    finally:
+        FallbackWrapper.__call__ = original_call
+
+
+#: every compiled SOT graph we made SOT forget; see _reset_sot_caches.
+_RETIRED_GRAPHS: list = []
+
+
+def _reset_sot_caches() -> None:
+    """Make SOT translate from scratch, without freeing a program SOT may still point into.
+
+    A fresh translation is needed so each trace reports its own graphs, breaks and compile
+    count. But freeing the old programs is unsafe: dy2static's parameter recorder and SOT's
+    infer-meta caches map (program hash, id(tensor)) to values inside them, and a later model
+    whose objects reuse those addresses crashes inside SOT (seen when two models were traced in
+    one process). So the old compiled graphs are kept alive, and the id-keyed maps are emptied.
+    """
+    from paddle.jit.dy2static import parameter_recorder
+    from paddle.jit.sot.infer_meta import InferMetaCache, LayerInferMetaCache, VariableCreator
+    from paddle.jit.sot.opcode_translator.executor.executor_cache import OpcodeExecutorCache
+    from paddle.jit.sot.symbolic.compile_cache import CompileSIRCache
+
+    _RETIRED_GRAPHS.extend(CompileSIRCache().cache.values())
+    OpcodeExecutorCache().clear()
+    CompileSIRCache().clear()
+    for recorder in vars(parameter_recorder).values():
+        if isinstance(recorder, parameter_recorder.ParametersRecorder):
+            recorder.params_dict.clear()
+            recorder.tensor2value.clear()
+    InferMetaCache().clear()
+    LayerInferMetaCache().clear()
+    # SOT infers shapes in one process-wide program; two models both naming a weight
+    # `linear_0.w_0` would clash there. Give each trace a fresh one (the old one stays alive).
+    creator = VariableCreator()
+    _RETIRED_GRAPHS.append((creator.main_program, creator.startup_program))
+    creator.main_program = paddle.static.Program()
+    creator.startup_program = paddle.static.Program()
+    creator.var_cache.clear()
+
+
+def _root_location(message: str, model_roots: tuple[str, ...]) -> tuple[str, int, str]:
+    """The innermost model frame named in a (possibly nested) SOT break message."""
+    frames = [
+        (m.group("file"), int(m.group("line")), m.group("func"))
+        for m in _FRAME.finditer(message)
+    ]
+    in_model = [f for f in frames if "site-packages/paddle" not in f[0]]
+    for prefer in (
+        [f for f in in_model if any(r in f[0] for r in model_roots)],
+        in_model,
+        frames,
+    ):
+        if prefer:
+            return prefer[-1]
+    return ("", -1, "")
+
+
+def _collect_breaks(model_roots: tuple[str, ...]) -> tuple[list[GraphBreak], int]:
+    """Every break SOT recorded, each located at its innermost frame outside Paddle.
+
+    SOT records a break once where it happens and once more for each enclosing inlined call
+    (``BreakGraphInlineCallBreak`` ... ``caused by`` ...); the count is SOT's own, the location
+    is the deepest model frame of the chain (the function whose control flow broke the graph).
+    """
+    from paddle.jit.sot.utils.info_collector import InfoCollector, InfoType
+
+    info = InfoCollector().get_info_dict(InfoType.E2E_INFO)
+    breaks: list[GraphBreak] = []
+    for item in info.get("BreakGraphReasonInfo", []):
+        reason = item.reason
+        message = str(reason)
+        file, line, func = _root_location(message, model_roots)
+        if not file and getattr(reason, "file_path", ""):
+            file, line = reason.file_path, reason.line_number
+        cause = message.strip().splitlines()[-1].strip()
+        root = type(reason).__name__
+        if "control flow" in cause:
+            root = "DataDependencyControlFlowBreak"
+        breaks.append(GraphBreak(root, cause, file, line, func))
+    # The root record of an inlined break carries no location; the records SOT adds for each
+    # enclosing frame right after it do. Attribute it to the next located one.
+    for i, b in enumerate(breaks):
+        if not b.file:
+            nxt = next((n for n in breaks[i + 1 :] if n.file), None)
+            if nxt is not None:
+                b.file, b.line, b.function = nxt.file, nxt.line, nxt.function
+    compiled = [i.code for i in info.get("CompileCountInfo", [])]
+    if not breaks:
+        # SOT records no reason for a break in the traced (top-level) frame itself, yet splits
+        # the step there and compiles a resume function for what follows: count those.
+        for code in dict.fromkeys(c for c in compiled if c.co_name.startswith("$resume")):
+            func = code.co_name.split("@")[-1].rsplit("_", 1)[0]
+            breaks.append(GraphBreak(
+                "BreakInTracedFunction",
+                "graph broke in the traced function itself (SOT records no reason there)",
+                code.co_filename, code.co_firstlineno, func))
+    InfoCollector().clear()
+    return breaks, len(compiled)
+
+
+def trace_step(mp: ModelProgram, batch: StepBatch, model_roots: tuple[str, ...] = ("/models/",)):
+    """Trace `batch` through SOT; fill ``mp.trace`` and, for a single graph, ``mp.program``.
+
+    Returns the step's outputs as SOT computed them (for the numerics check).
+    """
+    from paddle.jit.sot.symbolic.compile_cache import CompileSIRCache
+
+    layer = mp.model.layer
+    _reset_sot_caches()
+    t0 = time.perf_counter()
+    with _sot_collectors() as calls:
+        static_fn = paddle.jit.to_static(layer.forward, full_graph=False)
+        with paddle.no_grad():
+            outs = static_fn(*batch.args, batch.meta)
+    elapsed = time.perf_counter() - t0
+    breaks, compile_count = _collect_breaks(model_roots)
+
+    wrappers = list(CompileSIRCache().cache.values())
+    graphs = [w for w in wrappers if w.concrete_program is not None]
+    mp.trace.time_s = elapsed
+    mp.trace.graph_breaks = breaks
+    mp.trace.compile_count = compile_count
+    mp.trace.subgraphs = len(graphs)
+    mp.trace.graph_runs = calls["runs"]
+    mp.trace.ops = sum(op_count(w.concrete_program.main_program) for w in graphs)
+    mp.properties.add("traced")
+    mp.facts["sot_step_fn"] = static_fn
+    # every trace of this run, in order: the first is the unmodified model's baseline
+    mp.facts.setdefault("traces", []).append({
+        "marked": mp.model.patch_checkpoint(),
+        "subgraphs": mp.trace.subgraphs,
+        "graph_runs": calls["runs"],
+        "graph_breaks": len(mp.trace.graph_breaks),
+        "compile_count": compile_count,
+        "ops": mp.trace.ops,
+        "time_s": round(elapsed, 3),
+    })
+
+    if len(graphs) == 1 and not mp.trace.graph_breaks:
+        w = graphs[0]
+        if id(w) not in calls:
+            raise TraceError("SOT compiled one graph but never called it; cannot map its inputs")
+        _adopt_program(mp, w, calls[id(w)], batch)
+        mp.properties.add("single-graph")
+    else:
+        mp.program = None
+        mp.properties.discard("single-graph")
+    return outs
+
+
+def _adopt_program(mp: ModelProgram, wrapper: Any, inputs: tuple, batch: StepBatch) -> None:
+    """Clone SOT's program and rename/convert its inputs (see module docstring)."""
+    cp = wrapper.concrete_program
+    program, mapping = clone_program_with_mapping(cp.main_program)
+
+    by_id: dict[int, str] = {id(t): f"arg.{i}" for i, t in enumerate(batch.args)}
+    meta_fields = meta_tensor_fields(batch.meta)
+    by_id.update({id(t): f"meta.{path}" for path, t in meta_fields.items()})
+
+    # 1. pd_op.data inputs, in the order SOT fed them.
+    input_values = cp.inputs[0] if cp.inputs and isinstance(cp.inputs[0], list) else cp.inputs
+    if len(input_values) != len(inputs):
+        raise TraceError(
+            f"SOT graph has {len(input_values)} inputs but was called with {len(inputs)}"
+        )
+    params: dict = {}
+    for value, tensor in zip(input_values, inputs, strict=True):
+        name = by_id.get(id(tensor))
+        if name is None:
+            # A tensor the model holds that is not a parameter (a buffer, e.g. a RoPE table):
+            # constant for the step, so its value travels with the weights as a `const.` feed.
+            name = f"const.{len([n for n in params if n.startswith('const.')])}"
+            params[name] = tensor.numpy()
+        op = mapping.look_up(value).get_defining_op()
+        op.set_str_attr("name", name)
+
+    # 2. builtin.parameter: weights stay; meta tensors bound by reference become data ops.
+    tensors, values = cp.parameters
+    by_reference = []
+    for tensor, value in zip(tensors, values, strict=True):
+        new_value = mapping.look_up(value)
+        op = new_value.get_defining_op()
+        pname = op.attrs()["parameter_name"]
+        meta_name = by_id.get(id(tensor))
+        if meta_name is None:
+            params[pname] = tensor.numpy()
+            continue
+        by_reference.append(meta_name)
+        with static_mode():
+            from graphopt.ir.pir_utils import add_data_op
+
+            data = add_data_op(program, meta_name, list(tensor.shape), tensor.dtype)
+        new_value.replace_all_uses_with(data)
+        program.global_block().remove_op(op)
+
+    mp.program = program
+    mp.params = params
+    mp.trace.host_bound_by_reference = sorted(by_reference)
+    mp.host_inputs = [f"meta.{h}" for h in mp.model.host_inputs]

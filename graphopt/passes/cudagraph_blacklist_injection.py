@@ -1,0 +1,115 @@
+"""cudagraph-blacklist-injection: decide which ops must not be captured, and tell Paddle.
+
+With ``full_cuda_graph=false`` the blacklist is: the control-flow ops still in the program (a CUDA
+graph cannot capture a ``pd_op.if``), the splitting ops named in config, and the op names the
+placement analysis proves host-bound (every instance of that op computes on the host). The result
+goes into ``FLAGS_cuda_graph_blacklist`` — merged with what is already there, sorted, idempotent —
+before anything is compiled (Paddle's CudaGraphExtractPass parses the flag once, on first use).
+
+With ``full_cuda_graph=true`` and control flow left in the program this is an impossible
+combination: one clear error names the ops, where they come from, and the ways out.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import paddle
+
+from graphopt.ir.pir_utils import CONTROL_FLOW_OPS, NON_COMPUTE_OPS, source_location, walk_ops
+from graphopt.passes.base import ConfigError, Pass, PassResult, Stage
+from graphopt.passes.registry import register_pass
+
+FLAG = "FLAGS_cuda_graph_blacklist"
+
+
+@dataclass
+class BlacklistOptions:
+    #: extra op names never to capture (vLLM's splitting_ops), e.g. ["pd_op.all_reduce"].
+    splitting_ops: list[str] = field(default_factory=list)
+    #: blacklist op names whose every instance is host-bound (placement analysis).
+    include_host_bound: bool = True
+    #: also set the process flag (off in tests that only want the computed list).
+    set_flag: bool = True
+
+
+def merge_flag(current: str, ops: list[str]) -> str:
+    """Union of a comma list and `ops`, sorted, empty items dropped (idempotent)."""
+    items = {s.strip() for s in current.split(",") if s.strip()} | set(ops)
+    return ",".join(sorted(items))
+
+
+@register_pass
+class CudaGraphBlacklistInjection(Pass):
+    name = "cudagraph-blacklist-injection"
+    summary = "Blacklist control-flow, splitting and host-bound ops; set FLAGS_cuda_graph_blacklist."
+    stage = Stage.PROGRAM
+    Options = BlacklistOptions
+    requires = ("single-graph",)
+    ensures = ("blacklisted",)
+    must_run_after = ("hoist-host-branch-conditions",)
+
+    def run(self, mp) -> PassResult:
+        program = mp.program
+        ops = list(walk_ops(program.global_block()))
+        control = Counter(op.name() for op in ops if op.name() in CONTROL_FLOW_OPS)
+
+        if mp.full_cuda_graph and control:
+            first = next(op for op in ops if op.name() in CONTROL_FLOW_OPS)
+            where = source_location(first) or "the traced program"
+            found = ", ".join(f"{n} x{c}" for n, c in sorted(control.items()))
+            raise ConfigError(
+                f"full_cuda_graph=true, but the program still has control flow ({found}; first "
+                f"at {where}) and a CUDA graph cannot capture it. Ways out: full_cuda_graph=false "
+                "(capture piecewise around the control flow), or remove the Tensor `if` from the "
+                "model (e.g. compute both branches and select with paddle.where)."
+            )
+
+        host_bound: list[str] = []
+        if self.options.include_host_bound and mp.host_inputs:
+            host_bound = _host_bound_op_names(mp)
+
+        blacklist = sorted(set(control) | set(self.options.splitting_ops) | set(host_bound))
+        previous = list(mp.blacklist)
+        mp.blacklist = sorted(set(mp.blacklist) | set(blacklist))
+        value = merge_flag(_current_flag(), mp.blacklist)
+        mp.flags[FLAG] = value
+        if self.options.set_flag:
+            paddle.set_flags({FLAG: value})
+        return PassResult(
+            modified=mp.blacklist != previous,
+            stats={
+                "blacklist": mp.blacklist,
+                "control_flow": dict(control),
+                "splitting_ops": list(self.options.splitting_ops),
+                "host_bound": host_bound,
+                "flag": value,
+            },
+        )
+
+
+def _current_flag() -> str:
+    try:
+        return paddle.get_flags(FLAG)[FLAG] or ""
+    except (ValueError, KeyError):  # a build without the flag
+        return ""
+
+
+def _host_bound_op_names(mp) -> list[str]:
+    """Op names all of whose instances produce host values derived from runtime inputs.
+
+    Per-name, because FLAGS_cuda_graph_blacklist is per-name: blacklisting ``pd_op.cast`` because
+    one cast is host-bound would stop every device cast from being captured.
+    """
+    from graphopt.passes.analysis.placement import Placement, analyze_placement
+
+    placement = analyze_placement(mp.program, mp.host_inputs)
+    host: dict[str, bool] = {}
+    for op in walk_ops(mp.program.global_block()):
+        name = op.name()
+        if name in NON_COMPUTE_OPS or name in CONTROL_FLOW_OPS or not op.results():
+            continue
+        is_host = all(placement.of(r) is Placement.HOST_RUNTIME for r in op.results())
+        host[name] = host.get(name, True) and is_host
+    return sorted(n for n, h in host.items() if h)

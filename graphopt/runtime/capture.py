@@ -1,0 +1,335 @@
+"""CUDA-graph capture orchestration, shared by the CPU replay emulator and the GPU backend.
+
+What the orchestration does (FastDeploy / vLLM style, DESIGN §5): one graph per
+(segment id, capture size); the first time a segment runs at a size it is warmed up
+(``num_warmups`` plain runs), then captured, then replayed; every later run at that size is a
+replay. Inputs go through *static input buffers*: a graph is bound to the buffers it was
+captured with, so each replay copies the new inputs into them (same shapes: the batch was
+padded to the capture size by the caller). Only the capture primitive differs between backends:
+
+* :class:`EmulatorBackend` (CPU). A CUDA graph replays device kernels on new data but does NOT
+  redo host work done while capturing. Capture = run the segment program and record the values
+  of its HOST_RUNTIME ops (placement analysis); replay = run a variant of the program in which
+  those values are ``pd_op.data`` ops fed the recorded values. Stale host values flow on exactly
+  as on a GPU, so the seed's bug (a frozen ``cast(slice(max_len_tensor_cpu))`` makes the ``if``
+  take the capture-time branch) is reproducible in a CPU test.
+* :class:`CudaGraphBackend` (GPU). ``paddle.device.cuda.graphs.CUDAGraph`` around one executor
+  run. Thin on purpose: it needs a CUDA build of Paddle, which the public registry does not
+  carry for 3.x, so it is not exercised here.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import paddle
+
+from graphopt.errors import ConfigError
+from graphopt.ir.pir_utils import (
+    add_data_op,
+    add_output,
+    clone_program,
+    data_ops,
+    output_values,
+    static_mode,
+)
+from graphopt.ir.segment_plan import Segment
+from graphopt.passes.analysis.liveness import ProgramIndex
+from graphopt.runtime.executor import ProgramRunner
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("emulator", "cuda", "none")
+
+
+class CaptureBackend(ABC):
+    """The capture primitive: turn one segment run into a graph, and replay it."""
+
+    name: str = ""
+
+    def __init__(self, params: Mapping[str, np.ndarray]) -> None:
+        self.params = params
+
+    @abstractmethod
+    def warmup(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> None:
+        """Run the segment once, uncaptured (allocator / autotuning warm-up)."""
+
+    @abstractmethod
+    def capture(self, seg: Segment, size: int, feeds: Mapping[str, np.ndarray]) -> Any:
+        """Capture the segment at capture size `size` with these inputs; return the graph."""
+
+    @abstractmethod
+    def replay(self, graph: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Copy `feeds` into the graph's static inputs, replay, return the live-out values."""
+
+
+# -- CPU replay emulator -----------------------------------------------------------------------
+@dataclass
+class EmulatedGraph:
+    """What an emulated capture keeps: static input buffers and the frozen host values."""
+
+    segment_id: int
+    size: int
+    static_inputs: dict[str, np.ndarray]
+    #: data-op name in the replay program -> the HOST_RUNTIME value recorded at capture
+    frozen: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class _EmulatedSegment:
+    """The per-segment programs of the emulator: capture (extra outputs for the host values)
+    and replay (host values replaced by data ops)."""
+
+    def __init__(self, seg: Segment, params: Mapping[str, np.ndarray]) -> None:
+        assert seg.program is not None
+        idx = ProgramIndex(seg.program)
+        # only top-level dense values can be fetched at capture and fed back on replay; host
+        # values nested in a captured (non-blacklisted) if are left as they are
+        keys = [k for k in seg.host_runtime.values()
+                if "/" not in k.split("@", 1)[-1] and idx.values[k].is_dense_tensor_type()]
+        self.frozen_names = [f"seg{seg.id}.frozen{i}" for i in range(len(keys))]
+        self.n_out = len(seg.live_out)
+        self.outputs_from_frozen: dict[int, str] = {}
+        if not keys:
+            self.capture_runner = ProgramRunner(seg.program, params)
+            self.replay_runner = self.capture_runner
+            return
+        cap = clone_program(seg.program)
+        cidx = ProgramIndex(cap)
+        for i, k in enumerate(keys):
+            add_output(cap, cidx.values[k], f"seg{seg.id}.record{i}")
+        self.capture_runner = ProgramRunner(cap, params, fetch=output_values(cap))
+        rep = _frozen_variant(seg.program, keys, self.frozen_names)
+        self.replay_runner = ProgramRunner(rep, params)
+        # a live-out that is itself a frozen value is now a data op, and the executor returns
+        # None when fetching a fed variable: such outputs are filled from the recorded values
+        # (on a GPU the output buffer simply still holds the capture-time value)
+        for i, v in enumerate(output_values(rep)):
+            op = v.get_defining_op()
+            if op.name() == "pd_op.data" and op.attrs()["name"] in self.frozen_names:
+                self.outputs_from_frozen[i] = op.attrs()["name"]
+
+
+def _frozen_variant(program: paddle.pir.Program, keys: list[str], names: list[str]
+                    ) -> paddle.pir.Program:
+    """`program` with each value in `keys` replaced by a data op `names[i]`; the host ops that
+    computed them are removed (a replay does not run them)."""
+    rep = clone_program(program)
+    ridx = ProgramIndex(rep)
+    producers = {ridx.ops[ridx.defs[k].path].id() for k in keys}
+    for k, name in zip(keys, names, strict=True):
+        value = ridx.values[k]
+        new = add_data_op(rep, name, list(value.shape), value.dtype)
+        value.replace_all_uses_with(new)
+    block = rep.global_block()
+    for op in reversed(list(block.ops)):
+        if op.id() in producers and all(r.use_empty() for r in op.results()):
+            block.remove_op(op)
+    return rep
+
+
+class EmulatorBackend(CaptureBackend):
+    """CPU stand-in for CUDA graphs: replays reuse the host values recorded at capture."""
+
+    name = "emulator"
+
+    def __init__(self, params: Mapping[str, np.ndarray]) -> None:
+        super().__init__(params)
+        self._segments: dict[int, _EmulatedSegment] = {}
+
+    def _seg(self, seg: Segment) -> _EmulatedSegment:
+        em = self._segments.get(seg.id)
+        if em is None:
+            em = self._segments[seg.id] = _EmulatedSegment(seg, self.params)
+        return em
+
+    def warmup(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> None:
+        self._seg(seg).capture_runner.run(feeds)
+
+    def capture(self, seg: Segment, size: int, feeds: Mapping[str, np.ndarray]) -> EmulatedGraph:
+        em = self._seg(seg)
+        outs = em.capture_runner.run(feeds)
+        recorded = outs[em.n_out:]
+        static = {n: np.array(feeds[n], copy=True) for n in seg.feed_names}
+        frozen = {n: np.array(v, copy=True) for n, v in zip(em.frozen_names, recorded, strict=True)}
+        return EmulatedGraph(seg.id, size, static, frozen)
+
+    def replay(self, graph: EmulatedGraph, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        _copy_into_static(graph.static_inputs, feeds, graph.segment_id)
+        em = self._segments[graph.segment_id]
+        outs = em.replay_runner.run({**graph.static_inputs, **graph.frozen})
+        for i, name in em.outputs_from_frozen.items():
+            outs[i] = np.array(graph.frozen[name], copy=True)
+        return outs
+
+
+def _copy_into_static(static: dict[str, np.ndarray], feeds: Mapping[str, np.ndarray],
+                      seg_id: int) -> None:
+    for name, buf in static.items():
+        new = np.asarray(feeds[name])
+        if new.shape != buf.shape or new.dtype != buf.dtype:
+            raise ValueError(
+                f"segment {seg_id}: input {name} is {new.dtype}{list(new.shape)} but its graph "
+                f"was captured with {buf.dtype}{list(buf.shape)} (batch not padded to the "
+                "capture size?)"
+            )
+        np.copyto(buf, new)
+
+
+# -- GPU backend (thin; needs paddlepaddle-gpu) --------------------------------------------------
+class CudaGraphBackend(CaptureBackend):
+    """Real CUDA graphs: ``CUDAGraph.capture_begin()``, one executor run, ``capture_end()``.
+
+    Static input buffers are the feed variables of a per-segment scope on the GPU; a replay
+    writes new inputs into them (same shape, so the allocation is reused) and replays. Untested
+    here: no CUDA build of Paddle 3.x on the public registry (DESIGN §9).
+    """
+
+    name = "cuda"
+
+    def __init__(self, params: Mapping[str, np.ndarray]) -> None:
+        super().__init__(params)
+        if not paddle.is_compiled_with_cuda():
+            raise ConfigError(
+                "runtime.backend=cuda needs a CUDA build of Paddle (paddlepaddle-gpu 3.3); this "
+                "Paddle is CPU-only: use runtime.backend=emulator (replay emulator) or none"
+            )
+        from paddle.device.cuda.graphs import CUDAGraph  # only importable on CUDA builds
+
+        self._graph_cls = CUDAGraph
+        self.place = paddle.CUDAPlace(0)
+        self._scopes: dict[int, tuple[Any, Any]] = {}
+
+    def _scope(self, seg: Segment) -> tuple[Any, Any]:
+        got = self._scopes.get(seg.id)
+        if got is None:
+            scope = paddle.static.Scope()
+            with static_mode():
+                exe = paddle.static.Executor(self.place)
+            for op in seg.program.global_block().ops:
+                if op.name() == "builtin.parameter":
+                    name = op.attrs()["parameter_name"]
+                    scope.var(name).get_tensor().set(np.asarray(self.params[name]), self.place)
+            got = self._scopes[seg.id] = (scope, exe)
+        return got
+
+    def _write_inputs(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> None:
+        scope, _ = self._scope(seg)
+        for name in data_ops(seg.program):
+            scope.var(name).get_tensor().set(np.asarray(feeds[name]), self.place)
+
+    def _run(self, seg: Segment) -> list[Any]:
+        scope, exe = self._scope(seg)
+        with static_mode(), paddle.static.scope_guard(scope):
+            return exe.run(seg.program, feed={}, fetch_list=output_values(seg.program),
+                           return_numpy=False)
+
+    def warmup(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> None:
+        self._write_inputs(seg, feeds)
+        self._run(seg)
+
+    def capture(self, seg: Segment, size: int, feeds: Mapping[str, np.ndarray]) -> Any:
+        self._write_inputs(seg, feeds)
+        graph = self._graph_cls(place=self.place, mode="thread_local")
+        graph.capture_begin()
+        outs = self._run(seg)
+        graph.capture_end()
+        return (seg, graph, outs)
+
+    def replay(self, graph: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        seg, cuda_graph, outs = graph
+        self._write_inputs(seg, feeds)
+        cuda_graph.replay()
+        return [np.array(o) for o in outs]
+
+
+# -- orchestration ---------------------------------------------------------------------------------
+def make_backend(name: str, params: Mapping[str, np.ndarray]) -> CaptureBackend | None:
+    """The capture backend called `name` (None for ``none``: segments run uncaptured)."""
+    if name == "emulator":
+        return EmulatorBackend(params)
+    if name == "cuda":
+        return CudaGraphBackend(params)
+    if name == "none":
+        return None
+    raise ConfigError(f"unknown runtime backend {name!r}: choose one of {', '.join(BACKENDS)}")
+
+
+@dataclass
+class CaptureStats:
+    """Counters of the capture orchestration."""
+
+    graphs_captured: int = 0
+    replays: int = 0
+    warmup_runs: int = 0
+    eager_fallbacks: int = 0
+    fallback_reasons: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "graphs_captured": self.graphs_captured,
+            "replays": self.replays,
+            "warmup_runs": self.warmup_runs,
+            "eager_fallbacks": self.eager_fallbacks,
+            "fallback_reasons": dict(self.fallback_reasons),
+        }
+
+
+class CaptureManager:
+    """One graph per (segment id, capture size): warm up, capture, replay; and the choice of a
+    capture size for a batch (the smallest that fits; none fits -> eager fallback)."""
+
+    def __init__(self, backend: CaptureBackend, capture_sizes: list[int], num_warmups: int) -> None:
+        sizes = sorted({int(s) for s in capture_sizes})
+        if not sizes or sizes[0] < 1:
+            raise ConfigError(f"cudagraph_capture_sizes must be positive integers, got {capture_sizes}")
+        self.backend = backend
+        self.sizes = sizes
+        self.num_warmups = max(0, int(num_warmups))
+        self.graphs: dict[tuple[int, int], Any] = {}
+        self.stats = CaptureStats()
+
+    def size_for(self, num_tokens: int) -> int | None:
+        """The capture size a batch of `num_tokens` is padded to; None if it is too big."""
+        for s in self.sizes:
+            if s >= num_tokens:
+                return s
+        return None
+
+    def note_fallback(self, reason: str) -> None:
+        """Count (and log) a step that runs eagerly instead of replaying graphs."""
+        first = reason not in self.stats.fallback_reasons
+        self.stats.eager_fallbacks += 1
+        self.stats.fallback_reasons[reason] = self.stats.fallback_reasons.get(reason, 0) + 1
+        # like PyTorch's "skipping cudagraphs due to ...": loud once per reason, quiet after
+        (log.warning if first else log.info)("skipping cuda graphs due to %s", reason)
+
+    def run(self, seg: Segment, size: int, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run captured segment `seg` at capture size `size` (capturing it the first time)."""
+        key = (seg.id, size)
+        graph = self.graphs.get(key)
+        if graph is None:
+            for _ in range(self.num_warmups):
+                self.backend.warmup(seg, feeds)
+                self.stats.warmup_runs += 1
+            graph = self.graphs[key] = self.backend.capture(seg, size, feeds)
+            self.stats.graphs_captured += 1
+            log.debug("captured segment %d at size %d", seg.id, size)
+        # on a GPU a captured graph has not run yet: every result comes from a replay
+        outs = self.backend.replay(graph, feeds)
+        self.stats.replays += 1
+        return outs
+
+
+def __getattr__(name: str) -> Any:
+    # StepExecutor lives in runtime.piecewise (which imports this module); re-exported lazily
+    # so `from graphopt.runtime.capture import StepExecutor` works without an import cycle.
+    if name == "StepExecutor":
+        from graphopt.runtime.step import StepExecutor
+
+        return StepExecutor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

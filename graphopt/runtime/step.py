@@ -1,0 +1,252 @@
+"""Run a segmented program step by step: captured segments through a capture backend, eager
+control flow on the host (DESIGN §5).
+
+One step::
+
+    feeds   <- the batch, BY VALUE (arg.<i>, meta.<path>); never tensors bound by reference (§9)
+    feeds  += host prologue fetches (hoisted.<k>), run eagerly every step
+    pad     <- the batch padded to the next capture size (mp.model.pad_batch)
+    for each segment, in order:
+        captured -> CaptureManager: warm up + capture once per (segment, size), then replay
+        eager if -> read the condition on the host, run the chosen branch's segments
+        eager    -> run its program as is
+    outputs <- [logits[:T], *state]
+
+A batch larger than the largest capture size runs every segment uncaptured (logged, counted in
+``eager_fallbacks``). ``run_whole`` runs the unsplit program, for comparisons.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import paddle
+
+from graphopt.errors import ConfigError
+from graphopt.ir.model_program import ModelProgram
+from graphopt.ir.pir_utils import data_ops
+from graphopt.ir.segment_plan import CAPTURED, Segment, SegmentPlan, build_plan
+from graphopt.models.base import StepBatch, resolve_meta_field
+from graphopt.runtime.capture import BACKENDS, CaptureManager, make_backend
+from graphopt.runtime.executor import ProgramRunner
+
+log = logging.getLogger(__name__)
+
+#: runs one segment: (segment, feeds by its feed names) -> its live-out values
+SegmentFn = Callable[[Segment, Mapping[str, np.ndarray]], list[np.ndarray]]
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    """A private copy of a tensor / array (feeds are taken by value, every step)."""
+    if isinstance(value, paddle.Tensor):
+        value = value.numpy()
+    return np.array(value, copy=True)
+
+
+def condition_value(cond: np.ndarray) -> bool:
+    """The host-side truth of an ``if`` condition (a one-element bool tensor)."""
+    if cond is None:  # e.g. the executor fetched a fed variable: never guess a branch
+        raise ValueError("if condition has no value")
+    arr = np.asarray(cond)
+    if arr.dtype == object or arr.size != 1:
+        raise ValueError(f"if condition must have one element, got shape {list(arr.shape)}")
+    return bool(arr.reshape(-1)[0])
+
+
+class _Env(dict):
+    """Value key -> array for one step; weights (``param:*``) and ``const.<k>`` buffers resolve
+    from the parameters."""
+
+    def __init__(self, feeds: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray]):
+        super().__init__(feeds)
+        self.params = params
+
+    def get_value(self, key: str) -> np.ndarray:
+        if key in self:
+            return self[key]
+        if key.startswith("param:"):
+            return np.asarray(self.params[key[len("param:"):]])
+        if key in self.params:  # `const.<k>` feeds: model buffers whose values live with weights
+            return np.asarray(self.params[key])
+        raise KeyError(f"value {key} is needed before any segment produced it")
+
+
+def execute_segments(
+    segments: Sequence[Segment],
+    env: _Env,
+    run_segment: SegmentFn,
+    on_branch: Callable[[Segment, str], None] | None = None,
+) -> None:
+    """Run `segments` in order into `env` (eager ifs pick their branch from `env`)."""
+    for seg in segments:
+        if seg.is_branching:
+            label = "true" if condition_value(env.get_value(seg.cond)) else "false"
+            if on_branch is not None:
+                on_branch(seg, label)
+            execute_segments(seg.branches[label], env, run_segment, on_branch)
+            for res, src in zip(seg.results, seg.yields[label], strict=True):
+                env[res] = env.get_value(src)
+            continue
+        feeds = {name: env.get_value(key) for name, key in zip(seg.feed_names, seg.live_in,
+                                                                 strict=True)}
+        outs = run_segment(seg, feeds)
+        env.update(zip(seg.live_out, outs, strict=True))
+
+
+def run_plan(
+    plan: SegmentPlan,
+    params: Mapping[str, np.ndarray],
+    feeds: Mapping[str, np.ndarray],
+    runners: dict[int, ProgramRunner] | None = None,
+) -> list[np.ndarray]:
+    """Run every segment of `plan` uncaptured, in order; return the program's outputs.
+
+    The reference semantics of a plan: equal to running the whole program on `feeds`.
+    """
+    runners = runners if runners is not None else {}
+
+    def run_one(seg: Segment, seg_feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        runner = runners.get(seg.id)
+        if runner is None:
+            runner = runners[seg.id] = ProgramRunner(seg.program, params)
+        return runner.run(seg_feeds)
+
+    env = _Env(feeds, params)
+    execute_segments(plan.segments, env, run_one)
+    return [env.get_value(k) for k in plan.outputs]
+
+
+class StepExecutor:
+    """Runs one decoder step of a segmented ModelProgram (see the module docstring).
+
+    ``backend``: ``emulator`` (CPU replay emulator), ``cuda`` (CUDA graphs; CUDA builds only) or
+    ``none`` (segments run uncaptured, no padding). ``stats()`` returns the counters: graphs
+    captured, replays, warm-up runs, eager fallbacks (+ reasons), steps, eager segment runs.
+    """
+
+    def __init__(
+        self,
+        mp: ModelProgram,
+        backend: str = "emulator",
+        capture_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+        num_warmups: int = 1,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown runtime backend {backend!r}: choose one of "
+                              f"{', '.join(BACKENDS)}")
+        if mp.program is None:
+            raise ConfigError("StepExecutor needs a traced program (mp.program is None)")
+        self.mp = mp
+        self.backend_name = backend
+        if mp.segments is None:
+            # no piecewise-split in the pipeline: cut with the current blacklist
+            log.info("no segment plan on the ModelProgram: building one (blacklist %s)",
+                     mp.blacklist)
+            mp.segments = build_plan(mp.program, mp.blacklist, mp.host_inputs)
+        self.plan: SegmentPlan = mp.segments
+        backend_obj = make_backend(backend, mp.params)
+        self.capture = (CaptureManager(backend_obj, list(capture_sizes), num_warmups)
+                        if backend_obj is not None else None)
+        self._eager_runners: dict[int, ProgramRunner] = {}
+        self._whole: ProgramRunner | None = None
+        self._prologue: ProgramRunner | None = None
+        self.steps = 0
+        self.eager_segment_runs = 0
+        self.branches_taken: dict[str, int] = {"true": 0, "false": 0}
+        names = list(data_ops(mp.program))
+        if mp.prologue is not None:
+            names += [n for n in data_ops(mp.prologue.program) if n not in names]
+        hoisted = set(mp.prologue.outputs) if mp.prologue is not None else set()
+        self._feed_names = [n for n in names if n not in hoisted]
+
+    # -- feeds ---------------------------------------------------------------------------------
+    def feeds(self, batch: StepBatch) -> dict[str, np.ndarray]:
+        """The step's feeds, copied by value from the batch, plus the host prologue's outputs."""
+        feeds: dict[str, np.ndarray] = {}
+        for name in self._feed_names:
+            head, _, rest = name.partition(".")
+            if head == "arg":
+                feeds[name] = _as_numpy(batch.args[int(rest)])
+            elif head == "meta":
+                feeds[name] = _as_numpy(resolve_meta_field(batch.meta, rest))
+            elif name in self.mp.params:
+                continue  # `const.<k>`: a model buffer, fed from mp.params by the runners
+            else:
+                raise ConfigError(f"program input {name!r} has no source: expected arg.<i>, "
+                                  "meta.<field> or a hoisted.<k> fed by the host prologue")
+        if self.mp.prologue is not None:
+            if self._prologue is None:
+                self._prologue = ProgramRunner(self.mp.prologue.program, self.mp.params)
+            outs = self._prologue.run(feeds)
+            feeds.update(zip(self.mp.prologue.outputs, (np.array(o, copy=True) for o in outs),
+                             strict=True))
+        return feeds
+
+    # -- running -------------------------------------------------------------------------------
+    def _run_eager(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        runner = self._eager_runners.get(seg.id)
+        if runner is None:
+            runner = self._eager_runners[seg.id] = ProgramRunner(seg.program, self.mp.params)
+        self.eager_segment_runs += 1
+        return runner.run(feeds)
+
+    def _note_branch(self, seg: Segment, label: str) -> None:
+        self.branches_taken[label] += 1
+
+    def run(self, batch: StepBatch) -> list[np.ndarray]:
+        """One step: ``[logits, *new_state]`` with logits cut back to the batch's tokens.
+
+        The new state is returned, not written back: commit it with
+        ``mp.model.commit_state(outs[1:])`` when the step is real.
+        """
+        self.steps += 1
+        num_tokens = batch.num_tokens
+        size = self.capture.size_for(num_tokens) if self.capture is not None else None
+        if self.capture is None or size is None:
+            if self.capture is not None:
+                self.capture.note_fallback(
+                    f"batch of {num_tokens} tokens exceeds the largest capture size "
+                    f"{self.capture.sizes[-1]}"
+                )
+            env = _Env(self.feeds(batch), self.mp.params)
+            execute_segments(self.plan.segments, env, self._run_eager, self._note_branch)
+            return [env.get_value(k) for k in self.plan.outputs]
+        padded = batch if size == num_tokens else self.mp.model.pad_batch(batch, size)
+        env = _Env(self.feeds(padded), self.mp.params)
+
+        def run_one(seg: Segment, seg_feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+            if seg.kind == CAPTURED:
+                return self.capture.run(seg, size, seg_feeds)
+            return self._run_eager(seg, seg_feeds)
+
+        execute_segments(self.plan.segments, env, run_one, self._note_branch)
+        outs = [env.get_value(k) for k in self.plan.outputs]
+        if outs:
+            outs[0] = outs[0][:num_tokens]  # logits rows; state tensors are full-size
+        return outs
+
+    def run_whole(self, batch: StepBatch) -> list[np.ndarray]:
+        """Run the unsplit ``mp.program`` with the plain executor (reference for comparisons)."""
+        if self._whole is None:
+            self._whole = ProgramRunner(self.mp.program, self.mp.params)
+        return self._whole.run(self.feeds(batch))
+
+    def stats(self) -> dict[str, Any]:
+        """Counters so far: graphs captured, replays, warm-ups, eager fallbacks (+ reasons),
+        steps, eager segment runs, branches taken."""
+        out: dict[str, Any] = {
+            "backend": self.backend_name,
+            "steps": self.steps,
+            "eager_segment_runs": self.eager_segment_runs,
+            "branches_taken": dict(self.branches_taken),
+        }
+        if self.capture is not None:
+            out.update(self.capture.stats.to_dict())
+            out["capture_sizes"] = list(self.capture.sizes)
+        else:
+            out.update({"graphs_captured": 0, "replays": 0, "warmup_runs": 0,
+                        "eager_fallbacks": 0})
+        return out
