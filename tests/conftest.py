@@ -25,6 +25,9 @@ def compose_cfg(*overrides: str):
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
+    from graphopt.config import register_configs
+
+    register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="graphopt.conf", version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))

@@ -7,11 +7,12 @@ The dummy passes are NOT registered at import (they would show up in every pass 
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any
 
 os.environ.setdefault("GLOG_minloglevel", "2")
 
@@ -182,8 +183,8 @@ class Boom(Pass):
     def run(self, mp: ModelProgram) -> PassResult:
         add_tanh(mp.program)
         remove_unused(mp.program, "pd_op.exp")
-        mp.facts["boom"] = True
-        mp.facts.setdefault("log", []).append("boom")
+        mp.flags["boom"] = "1"
+        mp.host_inputs.append("boom")
         mp.blacklist.append("pd_op.tanh")
         mp.properties.add("boomed")
         raise RuntimeError("kaboom")
@@ -227,7 +228,7 @@ class SourcePatch(Pass):
 
     def run(self, mp: ModelProgram) -> PassResult:
         mp.model.patch(Target, "greet", lambda self: "patched")
-        mp.facts["patched"] = True
+        mp.flags["patched"] = "1"
         mp.properties.add("patched")
         if self.options.fail:
             raise ValueError("patch went wrong")
@@ -257,7 +258,7 @@ class EnsureProp(Pass):
     ensures = ("test-prop",)
 
     def run(self, mp: ModelProgram) -> PassResult:
-        mp.facts["test_prop_holds"] = self.options.honest
+        mp.flags["test_prop_holds"] = "yes" if self.options.honest else ""
         return PassResult(modified=False)
 
 
@@ -273,7 +274,7 @@ class NeedsProp(Pass):
 
 @register_property_check("test-prop")
 def _check_test_prop(mp: ModelProgram) -> str | None:
-    return None if mp.facts.get("test_prop_holds") else "facts['test_prop_holds'] is not set"
+    return None if mp.flags.get("test_prop_holds") else "flags['test_prop_holds'] is not set"
 
 
 class First(Pass):
@@ -305,9 +306,14 @@ class Early(Pass):
         return PassResult(modified=False)
 
 
+class Choice(str, enum.Enum):
+    auto = "auto"
+    explicit = "explicit"
+
+
 @dataclass
 class EveryTypeOptions:
-    mode: Literal["auto", "explicit"] = field(default="auto", metadata={"help": "how to choose"})
+    mode: Choice = field(default=Choice.auto, metadata={"help": "how to choose"})
     count: int = 3
     ratio: float = 0.5
     flag: bool = False
@@ -315,6 +321,10 @@ class EveryTypeOptions:
     items: list[str] = field(default_factory=list)
     table: dict[str, int] = field(default_factory=dict)
     limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            raise ValueError(f"count must be >= 0, got {self.count}")
 
 
 class EveryType(Pass):

@@ -32,6 +32,7 @@ import paddle
 from graphopt.ir.model_program import HostPrologue, ModelProgram
 from graphopt.ir.pir_utils import add_output, static_mode
 from graphopt.models.base import StepBatch
+from graphopt.runtime.executor import ProgramRunner
 
 HIDDEN = 8
 CACHE_ROWS = 4
@@ -181,14 +182,12 @@ def model_program(built: Built, blacklist: list[str] | None = None) -> ModelProg
     mp.host_inputs = list(built.host_inputs)
     mp.prologue = built.prologue
     mp.blacklist = list(blacklist if blacklist is not None else ["pd_op.if"])
-    mp.properties.add("traced")
+    mp.properties.update({"traced", "single-graph"})
     return mp
 
 
 def feeds_for(built: Built, batch: StepBatch) -> dict[str, Any]:
     """The whole program's feeds for a step (prologue included) -- test reference path."""
-    from graphopt.runtime.executor import run_program
-
     feeds: dict[str, Any] = {
         "arg.0": batch.args[0].numpy(),
         "meta.caches.0": batch.meta.caches[0].numpy(),
@@ -234,3 +233,9 @@ def data_names(program: paddle.pir.Program) -> list[str]:
     from graphopt.ir.pir_utils import data_ops
 
     return list(data_ops(program))
+
+
+def run_program(program: paddle.pir.Program, params: dict[str, Any],
+                feeds: dict[str, Any]) -> list[np.ndarray]:
+    """One-shot: run `program` once with the plain executor and return its outputs."""
+    return ProgramRunner(program, params).run(feeds)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import paddle
 import pytest
 
-from graphopt.errors import PassError
+from graphopt.errors import ConfigError
 from graphopt.ir.pir_utils import program_text
 from graphopt.passes.cudagraph_blacklist_injection import FLAG, merge_flag
 from graphopt.passes.manager import PassManager
@@ -61,7 +61,7 @@ def test_flag_is_merged_sorted_and_idempotent(clean_flag):
 def test_full_cuda_graph_with_control_flow_is_one_clear_error(clean_flag):
     built = programs.build_cond_program(hoisted=True)
     before = program_text(built.program)
-    with pytest.raises(PassError) as e:
+    with pytest.raises(ConfigError) as e:
         _run(built, full_cuda_graph=True)
     msg = str(e.value)
     assert "\n" not in msg

@@ -6,13 +6,13 @@ import numpy as np
 import paddle
 import pytest
 
-from graphopt.errors import ConfigError, PassError
+from graphopt.errors import ConfigError
 from graphopt.ir.model_program import ModelProgram
 from graphopt.ir.pir_utils import op_sequence
 from graphopt.models.base import ModelBundle, StepBatch
 from graphopt.passes.manager import PassManager
-from graphopt.runtime.executor import run_program
 from tests.conftest import compose_cfg
+from tests.programs import run_program
 
 
 def _tiny():
@@ -20,14 +20,14 @@ def _tiny():
 
     bundle = build_model(compose_cfg("model=tiny").model)
     mp = ModelProgram(model=bundle)
-    mp.facts["trace_batch"] = bundle.random_batch(np.random.default_rng(0), "mixed")
+    mp.trace_batch = bundle.random_batch(np.random.default_rng(0), "mixed")
     return bundle, mp
 
 
 def _step_feeds(mp, batch):
-    from graphopt.runtime.capture import StepExecutor
+    from graphopt.runtime.step import StepInputs
 
-    return StepExecutor(mp, backend="none", capture_sizes=[], num_warmups=0).feeds(batch)
+    return StepInputs(mp)(batch)
 
 
 def _run(mp, **opts):
@@ -76,9 +76,8 @@ def test_explicit_mode_and_numerics_against_eager():
 
 def test_explicit_unknown_target_is_a_config_error():
     bundle, mp = _tiny()
-    with pytest.raises(PassError) as e:
+    with pytest.raises(ConfigError) as e:
         _run(mp, mode="explicit", targets=["graphopt.models.tiny.NoSuchLayer.forward"])
-    assert isinstance(e.value.__cause__, ConfigError)
     assert "NoSuchLayer" in str(e.value)
     assert bundle.patch_checkpoint() == 0
 
@@ -118,7 +117,7 @@ def _bundle(layer):
     batch = StepBatch("prefill", (paddle.randn([4, 8]),), meta, [4], [0])
     b = ModelBundle("t", layer, meta, ("max_len_tensor_cpu",), (), None, None, None, None)
     mp = ModelProgram(model=b)
-    mp.facts["trace_batch"] = batch
+    mp.trace_batch = batch
     return b, mp
 
 

@@ -91,7 +91,8 @@ def test_bad_model_input_is_one_line_and_exit_2(override, needle, tmp_path):
 def test_cfg_job_prints_config():
     r = _run("--cfg", "job", "model=tiny")
     assert r.returncode == 0, r.stderr
-    assert "family: tiny" in r.stdout and "full_cuda_graph: false" in r.stdout
+    assert "_target_: graphopt.models.tiny.build" in r.stdout
+    assert "full_cuda_graph: false" in r.stdout
 
 
 def test_list_passes():
@@ -114,7 +115,7 @@ def test_cli_end_to_end_tiny_writes_report(tmp_path):
     r = _run("model=tiny", f"hydra.run.dir={tmp_path}", "dump_ir=true")
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["schema_version"] == 1 and report["model"] == "tiny"
+    assert report["schema_version"] == 2 and report["model"] == "tiny"
     assert [p["name"] for p in report["passes"]] == [
         "capture-control-flow", "hoist-host-branch-conditions",
         "cudagraph-blacklist-injection", "piecewise-split"]

@@ -26,8 +26,8 @@ def _check_flagship(report, layers):
     seg = report["segments"]
     assert seg["eager"] == 2 * layers  # one eager segment per `if`
     assert seg["coverage"] >= 0.99
-    assert report["emulator"]["steps"] >= 20 and report["emulator"]["mismatches"] == 0
-    assert report["emulator"]["max_abs_err"] <= 1e-4
+    assert report["replay"]["steps"] >= 20 and report["replay"]["mismatches"] == 0
+    assert report["replay"]["max_abs_err"] <= 1e-4
     assert report["verified"] is True
 
 
@@ -73,8 +73,8 @@ def test_without_hoist_the_emulator_reproduces_the_seed_bug(tmp_path, model):
     cfg = compose_cfg(f"model={model}", "pipeline=cudagraph_no_hoist",
                       "verify.fail_on_mismatch=false", "verify.steps=24")
     report = optimize(cfg, run_dir=tmp_path)
-    assert report["emulator"]["steps"] == 24
-    assert report["emulator"]["mismatches"] > 0  # a stale condition ran the wrong branch
+    assert report["replay"]["steps"] == 24
+    assert report["replay"]["mismatches"] > 0  # a stale condition ran the wrong branch
     assert report["hazards"]["after"] > 0 and report["verified"] is False
     # ... and the uncaptured run of the same plan is exact: capture/replay is what breaks it
     assert all(v <= 1e-5 for v in report["numerics"].values())
@@ -85,7 +85,7 @@ def test_without_hoist_the_cli_fails_verification(tmp_path):
     assert r.returncode == 1
     assert "replayed steps differ from eager" in r.stderr
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["emulator"]["mismatches"] > 0
+    assert report["replay"]["mismatches"] > 0
 
 
 @pytest.mark.slow

@@ -1,10 +1,10 @@
-"""The piecewise runner and the CUDA-graph replay emulator (DESIGN §5).
+"""The piecewise runner and the CUDA-graph replay emulator (see README, "What runs where").
 
 The emulator freezes, at capture, the host values a captured segment computes; replays reuse
 them. So the seed's bug is reproducible on CPU: without hoisting, ``cast(slice(max_len))`` sits
 in a captured run and the ``if`` follows the capture-time condition -> wrong branch. With the
 conditions hoisted into the host prologue, replays are exact. Host values CHANGE between steps
-on one plan (a check with one step per capture cannot see the bug, DESIGN §9).
+on one plan (a check with one step per capture cannot see the bug).
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 import logging
 
 import numpy as np
-import programs as P
 import pytest
 
 from graphopt.errors import ConfigError
 from graphopt.ir.segment_plan import CAPTURED
 from graphopt.passes.registry import get_pass
-from graphopt.runtime.capture import CaptureManager, EmulatorBackend, StepExecutor
-from graphopt.runtime.step import StepExecutor as PiecewiseStepExecutor
+from graphopt.runtime.capture import CaptureManager, EmulatorBackend
+from graphopt.runtime.step import NO_PLAN, StepExecutor
+from tests import programs as P
 
 SIZES = [1, 2, 4, 8]
 
@@ -53,8 +53,11 @@ def _random_steps(ex: StepExecutor, steps: int, seed: int) -> tuple[int, int]:
     return mismatches, steps
 
 
-def test_step_executor_is_reexported():
-    assert StepExecutor is PiecewiseStepExecutor
+def test_step_executor_refuses_a_program_without_a_plan():
+    mp = P.model_program(P.build_cond_program(hoisted=True))
+    with pytest.raises(ConfigError) as info:
+        StepExecutor(mp, "none", SIZES, 0)
+    assert str(info.value) == NO_PLAN and mp.segments is None  # nothing built behind our back
 
 
 def test_hoisted_program_replays_exactly():
@@ -142,17 +145,6 @@ def test_feeds_are_taken_by_value():
     assert feeds["hoisted.0"].tolist() == [True] and feeds["hoisted.1"].tolist() == [False]
     feeds["arg.0"][:] = 123.0  # a copy: the batch's tensor is untouched
     assert float(np.abs(batch.args[0].numpy()).max()) < 100
-
-
-def test_plan_built_when_missing():
-    built = P.build_cond_program(hoisted=True)
-    mp = P.model_program(built)
-    assert mp.segments is None
-    ex = StepExecutor(mp, "none", SIZES, 0)
-    assert mp.segments is not None and len(mp.segments.captured) == 4
-    batch = P.make_batch(2, [2, 0, 2], np.random.default_rng(4))
-    assert all(np.array_equal(a, b) for a, b in
-               zip(ex.run(batch), ex.run_whole(batch), strict=True))
 
 
 def test_backend_errors():

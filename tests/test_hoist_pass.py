@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from graphopt.ir.pir_utils import op_sequence, program_text
+from graphopt.passes.analysis.placement import hazards_of
 from graphopt.passes.manager import PassManager
-from graphopt.runtime.executor import run_program
 from tests import programs
+from tests.programs import run_program
 
 PATTERNS = ([6, 6, 0], [6, 0, 1], [6, 3, 1], [6, 0, 0])
 
@@ -41,7 +42,8 @@ def test_golden_seed_chain_moves_to_prologue():
     # each if reads its condition straight from a hoisted feed
     text = program_text(mp.program)
     assert 'name:"hoisted.0"' in text and 'name:"hoisted.1"' in text
-    details = mp.facts["hazards"]["details_before"]
+    before = programs.model_program(programs.build_cond_program(hoisted=False), blacklist=[])
+    details = [h.to_dict() for h in hazards_of(before)]
     assert {d["op"] for d in details} == {"pd_op.slice", "pd_op.cast"}
     assert all("programs.py" in (d["location"] or "") for d in details)
 

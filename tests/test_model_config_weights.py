@@ -18,14 +18,13 @@ from graphopt.errors import ConfigError
 from graphopt.models import build_model
 from graphopt.models.deepseek_v3.config import SHIPPED_CONFIG_JSON, resolve_config, write_hf_config
 from graphopt.models.deepseek_v3.weights import hf_tensors, save_hf_safetensors
-
-CONF = Path(__file__).resolve().parents[1] / "graphopt" / "conf" / "model" / "dsv3.yaml"
+from tests.conftest import compose_cfg
 
 
 def dsv3_cfg(**overrides):
-    cfg = OmegaConf.load(CONF)
-    for k, v in overrides.items():
-        cfg[k] = v
+    """The default dsv3 model node as the builder gets it, with keys replaced."""
+    cfg = OmegaConf.to_container(compose_cfg("model=dsv3").model)
+    cfg.update(overrides)
     return cfg
 
 

@@ -6,7 +6,6 @@ import os
 
 os.environ.setdefault("GLOG_minloglevel", "2")
 
-from pathlib import Path
 
 import numpy as np
 import paddle
@@ -16,15 +15,15 @@ from omegaconf import OmegaConf
 from graphopt.models import build_model
 from graphopt.models.deepseek_v3.config import resolve_config
 from graphopt.models.deepseek_v3.modeling import DeepseekV3MLAAttention, MoEGate
+from tests.conftest import compose_cfg
 
-CONF = Path(__file__).resolve().parents[1] / "graphopt" / "conf" / "model" / "dsv3.yaml"
 ATOL = 2e-5
 
 
 def dsv3_cfg(**overrides):
-    cfg = OmegaConf.load(CONF)
-    for k, v in overrides.items():
-        cfg[k] = v
+    """The default dsv3 model node as the builder gets it, with keys replaced."""
+    cfg = OmegaConf.to_container(compose_cfg("model=dsv3").model)
+    cfg.update(overrides)
     return cfg
 
 

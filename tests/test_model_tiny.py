@@ -6,7 +6,6 @@ import os
 
 os.environ.setdefault("GLOG_minloglevel", "2")
 
-from pathlib import Path
 
 import numpy as np
 import paddle
@@ -16,13 +15,12 @@ from omegaconf import OmegaConf
 from graphopt.errors import ConfigError
 from graphopt.models import build_model
 from graphopt.models.tiny import TinyAttention
-
-CONF = Path(__file__).resolve().parents[1] / "graphopt" / "conf" / "model" / "tiny.yaml"
+from tests.conftest import compose_cfg
 
 
 @pytest.fixture
 def tiny():
-    return build_model(OmegaConf.load(CONF))
+    return build_model(compose_cfg("model=tiny").model)
 
 
 def test_contract(tiny):

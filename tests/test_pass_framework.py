@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Literal
 
 os.environ.setdefault("GLOG_minloglevel", "2")
 
 import json
 from types import SimpleNamespace
 
-import framework_helpers as fh
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
+from graphopt.errors import ConfigError, PassError
 from graphopt.ir.pir_utils import op_sequence, program_text
 from graphopt.passes import registry
-from graphopt.passes.base import ConfigError, Pass, PassError, PassResult, Stage
+from graphopt.passes.base import Pass, PassResult, Stage
 from graphopt.passes.instruments import IRDumpInstrument, PassInstrument, format_records
 from graphopt.passes.listing import describe_passes
 from graphopt.passes.listing import main as listing_main
@@ -30,6 +32,7 @@ from graphopt.passes.verify import (
     release_program,
     verify_program,
 )
+from tests import framework_helpers as fh
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -113,7 +116,7 @@ def test_listing_shows_every_pass_with_options():
     assert "paddle-native  [program]" in text
     assert "passes: list[str] = ['dead_code_elimination_pass']" in text
     assert "test-options  [program]" in text
-    assert "mode: 'auto' | 'explicit' = 'auto'" in text
+    assert "mode: auto | explicit = 'auto'" in text
     assert "how to choose" in text  # help from field metadata
     assert "raise after patching" in text  # help from a `#:` comment
     assert "requires: test-prop" in text and "ensures: test-prop" in text
@@ -172,7 +175,7 @@ def test_unknown_option_key_lists_valid_options():
     with pytest.raises(ConfigError) as info:
         pm_of("test-options", options={"test-options": {"cuont": 1}})
     msg = str(info.value)
-    assert "pass 'test-options': unknown option 'cuont'. Did you mean 'count'?" in msg
+    assert "pipeline.options.test-options: unknown option 'cuont'. Did you mean 'count'?" in msg
     assert "Valid options: mode, count, ratio, flag, label, items, table, limit" in msg
     with pytest.raises(ConfigError, match="takes no options, got 'x'"):
         pm_of("test-no-options", options={"test-no-options": {"x": 1}})
@@ -181,30 +184,28 @@ def test_unknown_option_key_lists_valid_options():
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        (
-            {"mode": "atuo"},
-            "option 'mode' of pass 'test-options': expected one of 'auto', 'explicit', got 'atuo'",
-        ),
-        ({"count": "3"}, "option 'count' of pass 'test-options': expected int, got '3'"),
-        ({"count": True}, "option 'count' of pass 'test-options': expected int, got True"),
-        ({"flag": 1}, "option 'flag' of pass 'test-options': expected bool, got 1"),
-        ({"ratio": "x"}, "option 'ratio' of pass 'test-options': expected float, got 'x'"),
-        ({"items": "a"}, "option 'items' of pass 'test-options': expected list[str], got 'a'"),
-        (
-            {"items": ["a", 2]},
-            "option 'items' of pass 'test-options': expected list[str], got item 1: 2 (expected str)",
-        ),
-        (
-            {"table": {"a": "b"}},
-            "option 'table' of pass 'test-options': expected dict[str, int], got item 'a': 'b'",
-        ),
-        ({"limit": "no"}, "option 'limit' of pass 'test-options': expected int | None, got 'no'"),
+        ({"mode": "atuo"}, "pipeline.options.test-options.mode: Invalid value 'atuo', expected "
+                           "one of [auto, explicit]"),
+        ({"count": "x3"}, "pipeline.options.test-options.count: Value 'x3' of type 'str' could "
+                          "not be converted to Integer"),
+        ({"count": True}, "pipeline.options.test-options.count: Value 'True' of type 'bool' "
+                          "could not be converted to Integer"),
+        ({"flag": "maybe"}, "pipeline.options.test-options.flag: Value 'maybe' is not a valid "
+                            "bool"),
+        ({"ratio": "x"}, "pipeline.options.test-options.ratio: Value 'x' of type 'str' could not "
+                         "be converted to Float"),
+        ({"items": "a"}, "pipeline.options.test-options.items: Invalid value assigned"),
+        ({"table": {"a": "b"}}, "pipeline.options.test-options.table.a: Value 'b' of type 'str' "
+                                "could not be converted to Integer"),
+        ({"limit": "no"}, "pipeline.options.test-options.limit: Value 'no' of type 'str' could "
+                          "not be converted to Integer"),
+        ({"count": -1}, "pipeline.options.test-options: count must be >= 0, got -1"),
     ],
 )
 def test_option_values_are_type_checked(values, message):
     with pytest.raises(ConfigError) as info:
         pm_of("test-options", options={"test-options": values})
-    assert message in str(info.value)
+    assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_option_values_are_converted():
@@ -214,23 +215,37 @@ def test_option_values_are_converted():
     assert opts.ratio == 2.0 and isinstance(opts.ratio, float)
     assert opts.items == ["a"] and opts.limit is None and opts.table == {"k": 1}
     assert build_options(fh.EveryType, {"limit": 4}).limit == 4
+    assert build_options(fh.EveryType, {"mode": "explicit"}).mode is fh.Choice.explicit
 
 
-def test_bad_literal_of_a_real_pass():
+def test_bad_choice_of_a_real_pass():
     with pytest.raises(ConfigError) as info:
         pm_of("capture-control-flow", options={"capture-control-flow": {"mode": "atuo"}})
     assert str(info.value) == (
-        "option 'mode' of pass 'capture-control-flow': expected one of 'auto', 'explicit', "
-        "got 'atuo'"
+        "pipeline.options.capture-control-flow.mode: Invalid value 'atuo', expected one of "
+        "[auto, explicit]"
     )
 
 
-def test_options_for_a_pass_not_in_the_pipeline():
-    with pytest.raises(ConfigError) as info:
-        pm_of("test-noop", "test-add-op", options={"test-options": {}})
-    msg = str(info.value)
-    assert "options given for pass 'test-options', which is not in the pipeline" in msg
-    assert "[test-noop, test-add-op]" in msg
+def test_options_whose_types_omegaconf_cannot_check_are_refused():
+    @dataclass
+    class LiteralOptions:
+        mode: Literal["a", "b"] = "a"
+
+    class LiteralPass(Pass):
+        name = "test-literal"
+        summary = "Options typed with Literal."
+        Options = LiteralOptions
+
+    with pytest.raises(ConfigError, match="its Options cannot be typed by OmegaConf"):
+        build_options(LiteralPass, {})
+
+
+def test_options_for_a_pass_not_in_the_pipeline_are_left_out_and_said_so():
+    # a pipeline's options survive `pipeline.passes=[...]` on the command line
+    pm = pm_of("test-noop", "test-add-op", options={"test-options": {"count": 1}})
+    assert pm.ignored_options == ["test-options"]
+    assert "(options of test-options not used: not in the pipeline)" in pm.describe()
     with pytest.raises(ConfigError, match=r"unknown pass 'test-nop'\. Did you mean 'test-noop'"):
         pm_of("test-noop", options={"test-nop": {}})
 
@@ -310,7 +325,7 @@ def test_run_records_and_stage_selection():
 
 def test_failing_program_pass_rolls_back_everything():
     mp = fh.make_mp(fh.build_program(dead=True), blacklist=["pd_op.if"])
-    mp.facts["log"] = ["start"]
+    mp.flags["log"] = "start"
     original = mp.program
     before = program_text(mp.program)
     with pytest.raises(PassError) as info:
@@ -320,7 +335,7 @@ def test_failing_program_pass_rolls_back_everything():
     )
     assert isinstance(info.value.__cause__, RuntimeError)
     assert mp.program is original and program_text(mp.program) == before
-    assert mp.facts == {"log": ["start"]}
+    assert mp.flags == {"log": "start"} and mp.host_inputs == []
     assert mp.blacklist == ["pd_op.if"] and mp.properties == set()
 
 
@@ -341,13 +356,13 @@ def test_failure_names_the_passes_that_ran_before_and_keeps_their_effect():
 
 def test_failing_source_pass_undoes_its_patches():
     mp = fh.make_mp(program=None)
-    mp.facts["kept"] = 1
+    mp.flags["kept"] = "1"
     with pytest.raises(PassError) as info:
         pm_of("test-source-patch", options={"test-source-patch": {"fail": True}}).run(mp)
     assert "pass 'test-source-patch' failed: ValueError: patch went wrong" in str(info.value)
     assert fh.Target().greet() == "hello"
     assert mp.model._patches == []
-    assert mp.facts == {"kept": 1} and mp.properties == set()
+    assert mp.flags == {"kept": "1"} and mp.properties == set()
 
 
 def test_successful_source_pass_keeps_its_patches():
@@ -355,7 +370,7 @@ def test_successful_source_pass_keeps_its_patches():
     try:
         [record] = pm_of("test-source-patch").run(mp)
         assert record.modified and fh.Target().greet() == "patched"
-        assert mp.facts["patched"] and "patched" in mp.properties
+        assert mp.flags["patched"] and "patched" in mp.properties
     finally:
         mp.model.restore_patches(0)
     assert fh.Target().greet() == "hello"
@@ -384,8 +399,8 @@ def test_property_checker_violation_fails_and_rolls_back():
         pm_of("test-ensure-prop", options={"test-ensure-prop": {"honest": False}}).run(mp)
     msg = str(info.value)
     assert msg.startswith("pass 'test-ensure-prop' failed: PassVerificationError:")
-    assert "property 'test-prop' does not hold: facts['test_prop_holds'] is not set" in msg
-    assert "test_prop_holds" not in mp.facts and "test-prop" not in mp.properties
+    assert "property 'test-prop' does not hold: flags['test_prop_holds'] is not set" in msg
+    assert "test_prop_holds" not in mp.flags and "test-prop" not in mp.properties
     # Without verify-each the promise is taken on trust.
     pm_of(
         "test-ensure-prop", options={"test-ensure-prop": {"honest": False}}, verify_each=False
@@ -470,9 +485,13 @@ def test_ir_dump_file_names_and_content(tmp_path):
     assert sorted(p.name for p in ir.iterdir()) == [
         "000_input.txt",
         "001_test-add-op.txt",
+        "002_test-noop.txt",
         "003_test-remove-tanh.txt",
     ]
     assert [p.name for p in dump.written] == sorted(p.name for p in ir.iterdir())
+    unchanged = (ir / "002_test-noop.txt").read_text()
+    assert "// modified: false" in unchanged and "(unchanged: the pass changed nothing" in unchanged
+    assert "pd_op.relu" not in unchanged
     first = (ir / "001_test-add-op.txt").read_text()
     assert first.startswith("// after pass 1 'test-add-op' (stage program)\n")
     assert '// stats: {"added": 1}' in first
@@ -509,7 +528,7 @@ def test_ir_dump_of_a_source_pass_lists_patches(tmp_path):
     finally:
         mp.model.restore_patches(0)
     names = sorted(p.name for p in (tmp_path / "ir").iterdir())
-    assert names == ["000_input.txt", "001_test-source-patch.txt"]
+    assert names == ["000_input.txt", "001_test-source-patch.txt", "002_test-noop.txt"]
     text = (tmp_path / "ir" / "001_test-source-patch.txt").read_text()
     assert (
         "framework_helpers.Target.greet: framework_helpers.Target.greet -> "
@@ -566,7 +585,8 @@ def test_clone_is_independent_where_passes_write_and_shares_live_objects():
         params={"w": 1},
         prologue=HostPrologue(program=fh.build_program(), outputs=["hoisted.0"]),
     )
-    mp.facts.update({"trace_batch": batch, "hazards": [{"op": "pd_op.cast"}]})
+    mp.trace_batch = batch
+    mp.blacklist = ["pd_op.if"]
     mp.trace.graph_breaks = []
     before = program_text(mp.program)
     prologue_before = program_text(mp.prologue.program)
@@ -576,16 +596,16 @@ def test_clone_is_independent_where_passes_write_and_shares_live_objects():
     fh.add_tanh(work.prologue.program)
     work.prologue.outputs.append("hoisted.1")
     work.params["new"] = 2
-    work.facts["hazards"][0]["op"] = "changed"
+    work.blacklist.append("pd_op.cast")
     work.trace.subgraphs = 7
     work.properties.add("x")
 
     assert program_text(mp.program) == before
     assert program_text(mp.prologue.program) == prologue_before
     assert mp.prologue.outputs == ["hoisted.0"] and mp.params == {"w": 1}
-    assert mp.facts["hazards"] == [{"op": "pd_op.cast"}] and mp.trace.subgraphs == 0
+    assert mp.blacklist == ["pd_op.if"] and mp.trace.subgraphs == 0
     assert mp.properties == set()
-    assert work.facts["trace_batch"] is batch and work.model is mp.model
+    assert work.trace_batch is batch and work.model is mp.model
 
 
 def test_program_pass_commits_every_field_it_set():
@@ -679,6 +699,6 @@ def test_required_options_and_help_sources():
 
     assert option_help(Opts, "level") == "how hard to try"
     assert option_help(Opts, "names") == "which ones"
-    with pytest.raises(ConfigError, match="option 'needed' of pass 'test-with-opts' is required"):
+    with pytest.raises(ConfigError, match=r"pipeline\.options\.test-with-opts\.needed: .*missing mandatory"):
         build_options(WithOpts, {})
     assert build_options(WithOpts, {"needed": "y", "level": 2}) == Opts("y", 2, [])

@@ -10,15 +10,18 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 import json
 
 import numpy as np
-import programs as P
 import pytest
 
 from graphopt.ir.pir_utils import data_ops, op_sequence, output_names
-from graphopt.ir.segment_plan import CAPTURED, EAGER, build_plan, extract_by_pruning
-from graphopt.passes.base import PassError, Stage
+from graphopt.ir.segment_plan import CAPTURED, EAGER
+from graphopt.passes.base import Stage
+from graphopt.passes.piecewise_split import build_plan
 from graphopt.passes.registry import get_pass
-from graphopt.runtime.executor import run_program
+from graphopt.report.picture import draw_plan
 from graphopt.runtime.step import run_plan
+from tests import programs as P
+from tests.programs import run_program
+from tests.reference_pruning import extract_by_pruning
 
 IF = ["pd_op.if"]
 #: host values [max_len, max_enc, max_dec]: prefill-only, decode-only, mixed, (none present)
@@ -55,7 +58,8 @@ def _tree(segs) -> list:
 def test_pass_declaration():
     cls = get_pass("piecewise-split")
     assert cls.stage is Stage.PROGRAM
-    assert cls.requires == ("traced",) and cls.ensures == ("segmented",)
+    assert cls.requires == ("single-graph",) and cls.ensures == ("segmented",)
+    assert cls.preserves == ("program",) and not cls.changes_program()
     assert "cudagraph-blacklist-injection" in cls.must_run_after
     opts = cls.Options()
     assert opts.recurse_into_branches is True and opts.min_segment_ops == 1
@@ -68,20 +72,19 @@ def test_pass_writes_plan_and_stats(seed):
     before = op_sequence(mp.program, nested=True)
     res = get_pass("piecewise-split")().run(mp)
     assert res.modified
-    assert mp.segments is not None and "segmented" in mp.properties
+    assert mp.segments is not None
     assert op_sequence(mp.program, nested=True) == before  # the program itself is untouched
     assert res.stats["captured"] == 5 and res.stats["eager"] == 2
     assert res.stats["coverage"] == pytest.approx(20 / 22, abs=1e-6)
     assert res.stats["captured_host_runtime_values"] == 4  # slice+cast twice: frozen on replay
-    assert mp.facts["segments"]["captured_host_runtime"] == {
+    assert {s.id: sorted(s.host_runtime) for s in mp.segments.captured if s.host_runtime} == {
         0: ["pd_op.cast@10#0", "pd_op.slice@9#0"], 3: ["pd_op.cast@15#0", "pd_op.slice@14#0"]}
 
 
-def test_pass_rejects_bad_options(seed):
-    mp = P.model_program(seed)
+def test_pass_rejects_bad_options():
     cls = get_pass("piecewise-split")
-    with pytest.raises(PassError, match="min_segment_ops"):
-        cls(cls.Options(min_segment_ops=0)).run(mp)
+    with pytest.raises(ValueError, match="min_segment_ops"):
+        cls.Options(min_segment_ops=0)
 
 
 # -- golden segment trees -----------------------------------------------------------------------
@@ -159,7 +162,7 @@ def test_segment_programs_are_standalone(seed):
 
 @pytest.mark.parametrize("which", ["seed", "nested"])
 def test_copy_extraction_equals_clone_fold_prune(which, seed, nested):
-    """The fast extraction (copy the run's ops) builds the same programs as the DESIGN §9 recipe
+    """The fast extraction (copy the run's ops) builds the same programs as the clone-fold-prune recipe
     (clone the whole program, fold the enclosing ifs, drop everything else) and both run alike."""
     built = {"seed": seed, "nested": nested}[which]
     plan = build_plan(built.program, IF, built.host_inputs)
@@ -271,8 +274,8 @@ def test_layers_give_two_eager_ifs_each():
 # -- JSON and picture ---------------------------------------------------------------------------
 def test_plan_json(seed):
     plan = build_plan(seed.program, IF, seed.host_inputs)
-    data = json.loads(json.dumps(plan.to_json()))
-    assert data == json.loads(plan.dumps())
+    data = json.loads(plan.dumps())
+    assert data == plan.to_dict()
     assert [s["kind"] for s in data["segments"]] == [CAPTURED, EAGER, CAPTURED, EAGER, CAPTURED]
     first_if = data["segments"][1]
     assert first_if["ops"] == ["pd_op.if"] and first_if["cond"] == "pd_op.cast@10#0"
@@ -280,14 +283,13 @@ def test_plan_json(seed):
     assert first_if["branches"]["false"] == []
     assert data["segments"][0]["live_out"] == ["pd_op.scale@6#0", "pd_op.cast@10#0"]
     assert data["stats"]["captured"] == 5
-    assert plan.summary() == plan.stats()
 
 
 def test_plan_picture(tmp_path, nested):
     plan = build_plan(nested.program, IF, nested.host_inputs)
-    png = plan.draw(tmp_path / "plan.png")
+    png = draw_plan(plan, tmp_path / "plan.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    svg = plan.draw(tmp_path / "plan.svg").read_text()
+    svg = draw_plan(plan, tmp_path / "plan.svg").read_text()
     assert "pd_op.if #1" in svg and "pd_op.if #3" in svg and "captured #4" in svg
 
 
@@ -295,7 +297,7 @@ def test_plan_picture_long_plan_is_elided_honestly(tmp_path):
     built = P.build_cond_program(hoisted=False, layers=12)
     plan = build_plan(built.program, IF, built.host_inputs)
     assert len(plan.segments) == 49
-    svg = plan.draw(tmp_path / "plan.svg", max_segments=12, tail=2).read_text()
+    svg = draw_plan(plan, tmp_path / "plan.svg", max_segments=12, tail=2).read_text()
     assert "37 top-level segments not drawn" in svg
     assert "4-segment group" in svg  # the per-layer pattern, detected exactly
     assert "captured #0 " in svg and f"captured #{plan.segments[-1].id} " in svg

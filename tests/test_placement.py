@@ -7,7 +7,6 @@ import os
 os.environ.setdefault("GLOG_minloglevel", "2")
 
 import paddle
-import programs as P
 import pytest
 
 from graphopt.ir.pir_utils import add_output, static_mode
@@ -19,6 +18,7 @@ from graphopt.passes.analysis.placement import (
     find_hazards,
     is_capturable,
 )
+from tests import programs as P
 
 D, HC, HR = Placement.DEVICE, Placement.HOST_CONST, Placement.HOST_RUNTIME
 

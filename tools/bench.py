@@ -39,6 +39,9 @@ def _compose(argv: list[str]):
 
     bench_args = [a for a in argv if a.startswith("bench.")]
     other = [a for a in argv if not a.startswith("bench.")]
+    from graphopt.config import register_configs
+
+    register_configs()
     with initialize_config_module(config_module="graphopt.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=other)
     given = OmegaConf.from_dotlist(bench_args).get("bench", {})
@@ -53,26 +56,25 @@ def run(argv: list[str]) -> dict:
     import numpy as np
     import paddle
 
+    from graphopt.config import validate
     from graphopt.driver import build_and_optimize
     from graphopt.ir.pir_utils import op_count
-    from graphopt.passes.manager import PassManager
-    from graphopt.runtime.capture import StepExecutor
-    from graphopt.runtime.executor import ProgramRunner
+    from graphopt.runtime.step import StepExecutor, WholeProgramStep
 
     cfg, bench = _compose(argv)
-    pm = PassManager.from_config(list(cfg.pipeline.passes), cfg.pipeline.options)
+    pm = validate(cfg)
     rng = np.random.default_rng(cfg.verify.seed)
     t0 = time.perf_counter()
     mp, _, _ = build_and_optimize(cfg, pm, rng)
     optimize_s = time.perf_counter() - t0
     bundle = mp.model
     try:
-        whole = ProgramRunner(mp.program, mp.params)
+        whole = WholeProgramStep(mp)
         piecewise = StepExecutor(mp, backend="none", capture_sizes=[], num_warmups=0)
-        replay = StepExecutor(mp, backend=cfg.runtime.backend,
+        replay = StepExecutor(mp, backend=cfg.runtime.backend.value,
                               capture_sizes=list(cfg.runtime.cudagraph_capture_sizes),
                               num_warmups=int(cfg.runtime.cudagraph_num_of_warmups))
-        sot_fn = mp.facts["sot_step_fn"]
+        sot_fn = mp.sot_step
 
         def eager(b):
             return bundle.step(b, commit=False)
@@ -81,10 +83,7 @@ def run(argv: list[str]) -> dict:
             with paddle.no_grad():
                 return [o.numpy() for o in sot_fn(*b.args, b.meta)]
 
-        def whole_run(b):
-            return whole.run(piecewise.feeds(b))
-
-        modes = {"eager": eager, "sot": sot, "whole": whole_run,
+        modes = {"eager": eager, "sot": sot, "whole": whole.run,
                  "piecewise": piecewise.run, "replay": replay.run}
         results: dict[str, dict] = {}
         for kind in bench.kinds:
@@ -117,13 +116,13 @@ def run(argv: list[str]) -> dict:
         "model": cfg.model.name,
         "num_hidden_layers": int(cfg.model.get("num_hidden_layers", 0) or 0),
         "pipeline": cfg.pipeline.name,
-        "backend": cfg.runtime.backend,
+        "backend": cfg.runtime.backend.value,
         "repeats": int(bench.repeats),
         "optimize_s": round(optimize_s, 3),
         "trace_s": round(mp.trace.time_s, 3),
-        "traces": mp.facts.get("traces", []),  # first = the unmodified model's baseline
+        "traces": [t.to_dict() for t in mp.traces],  # first = the unmodified model's
         "ops": mp.trace.ops,
-        "segments": plan.summary(),
+        "segments": plan.stats(),
         "host_dispatches_per_step_upper_bound": dispatches,
         "steps": results,
         "machine": {"cpus": os.cpu_count(), "paddle": paddle.__version__},

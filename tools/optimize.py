@@ -5,12 +5,8 @@
     python tools/optimize.py list_passes=true
     python tools/optimize.py -m model.num_hidden_layers=2,4 full_cuda_graph=false   # a sweep
 
-Thin wrapper: the work is ``runtime.driver.optimize(cfg)``, which tests call directly.
+Thin wrapper: the work is ``graphopt.driver.optimize(cfg)``, which tests call directly.
 """
-
-import os
-
-os.environ.setdefault("GLOG_minloglevel", "2")
 
 from graphopt.cli import main
 

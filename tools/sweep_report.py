@@ -33,7 +33,7 @@ def job_row(job: Path) -> dict[str, str]:
         seg = r.get("segments") or {}
         hz = r["hazards"]
         first, last = r["traces"][0], r["traces"][-1]
-        em = r["emulator"]
+        em = r["replay"]
         row.update({
             "graph breaks": f"{r['graph_breaks']['before']} -> {r['graph_breaks']['after']}",
             "SOT graphs": f"{first['subgraphs']} -> {last['subgraphs']}",

@@ -1,10 +1,10 @@
-"""The one object that travels through the pipeline (DESIGN §2).
+"""The one object that travels through the pipeline: the model, its program, what passes learn.
 
 Source-stage passes act on ``mp.model`` (the dygraph Layer and its Python functions); the trace
-step fills ``mp.program`` and the feed/parameter tables; program-stage passes act on the program
-and its metadata (host inputs, prologue, blacklist, segments). Nothing reaches around it.
+fills ``mp.program`` and the feed/parameter tables; program-stage passes act on the program and
+its metadata (host inputs, prologue, blacklist, segments). Nothing reaches around it.
 
-Program conventions (established by ``runtime.trace``):
+Program conventions (established by :mod:`graphopt.ir.trace`):
 
 * every per-step input of the program is a ``pd_op.data`` op; its name says where the value comes
   from each step: ``arg.<i>`` (the i-th tensor argument of the step), ``meta.<field>[.<index>]``
@@ -12,20 +12,34 @@ Program conventions (established by ``runtime.trace``):
   ``hoisted.<k>`` (an output of the host prologue, see hoist-host-branch-conditions);
 * weights stay ``builtin.parameter`` ops; their values are in ``mp.params`` by parameter name;
   tensors the model holds that are not parameters (buffers) are ``const.<k>`` feeds whose values
-  are in ``mp.params`` too (``runtime.executor.ProgramRunner`` feeds them);
+  are in ``mp.params`` too;
 * the step outputs are the ``builtin.shadow_output`` ops, in order.
+
+Analyses are cached per program *version* (:meth:`ModelProgram.cached`): the PassManager bumps
+the version when a pass that may change the program reports ``modified``. A structural copy of
+the program (made for rollback) keeps the version, so results keyed by op paths and value keys
+stay valid for it.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import paddle
+
+from graphopt.ir.pir_utils import clone_program
+from graphopt.ir.segment_plan import SegmentPlan
+from graphopt.ir.sources import format_location
 
 if TYPE_CHECKING:
     import numpy as np
-    import paddle
 
-    from graphopt.models.base import ModelBundle
+    from graphopt.models.base import ModelBundle, StepBatch
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -38,6 +52,11 @@ class GraphBreak:
     line: int
     function: str
 
+    @property
+    def location(self) -> str:
+        """``path:line (function)``, or ``-`` when SOT named no user frame."""
+        return format_location(self.file, self.line, self.function) if self.file else "-"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "reason": self.reason,
@@ -45,6 +64,7 @@ class GraphBreak:
             "file": self.file,
             "line": self.line,
             "function": self.function,
+            "location": self.location,
         }
 
 
@@ -61,11 +81,13 @@ class TraceInfo:
     compile_count: int = 0
     ops: int = 0
     time_s: float = 0.0
+    #: source patches applied to the model when this trace ran
+    marked: int = 0
     #: meta tensors that SOT bound as builtin.parameter (captured by reference): fed by value now.
     host_bound_by_reference: list[str] = field(default_factory=list)
 
     def break_sites(self) -> list[dict[str, Any]]:
-        """Distinct places the graph broke (innermost model frame), with how often SOT said so."""
+        """Distinct places the graph broke (innermost user frame), with how often SOT said so."""
         sites: dict[tuple, dict[str, Any]] = {}
         for b in self.graph_breaks:
             key = (b.file, b.line, b.function)
@@ -85,8 +107,23 @@ class TraceInfo:
             "compile_count": self.compile_count,
             "ops": self.ops,
             "time_s": round(self.time_s, 4),
+            "marked": self.marked,
             "host_bound_by_reference": list(self.host_bound_by_reference),
         }
+
+
+@dataclass
+class MarkedFunction:
+    """A model function capture-control-flow marked (and maybe rewrote) in memory."""
+
+    qualname: str
+    location: str
+    #: what the in-memory rewrite changed (empty: marked as written)
+    rewrites: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"function": self.qualname, "location": self.location,
+                "rewrites": list(self.rewrites)}
 
 
 @dataclass
@@ -116,62 +153,77 @@ class ModelProgram:
     blacklist: list[str] = field(default_factory=list)
     #: flags to set before the first compile, e.g. {"FLAGS_cuda_graph_blacklist": "pd_op.if"}.
     flags: dict[str, str] = field(default_factory=dict)
-    #: set by piecewise-split: runtime.segments.SegmentPlan
-    segments: Any = None
+    #: set by piecewise-split
+    segments: SegmentPlan | None = None
+    #: the latest trace, and every trace of the run in order (the first: the unmodified model)
     trace: TraceInfo = field(default_factory=TraceInfo)
-    #: free-form results of analyses and passes that the report shows (hazards, ...).
-    facts: dict[str, Any] = field(default_factory=dict)
+    traces: list[TraceInfo] = field(default_factory=list)
+    #: the batch the step is traced with (its meta is the model's one forward-meta object)
+    trace_batch: StepBatch | None = None
+    #: the SOT-compiled step of the latest trace (runs the model when it is several graphs)
+    sot_step: Callable[..., Any] | None = None
+    #: functions capture-control-flow marked
+    marked: list[MarkedFunction] = field(default_factory=list)
     #: properties that currently hold (e.g. "traced", "single-graph", "no-hazards").
     properties: set[str] = field(default_factory=set)
     full_cuda_graph: bool = False
+    #: bumped whenever the program may have changed; keys the analysis cache
+    version: int = 0
+    _analyses: dict[str, tuple[int, Any]] = field(default_factory=dict, repr=False)
 
-    def clone(self) -> ModelProgram:
-        """A copy whose program can be mutated without touching this one (for rollback).
+    # -- analyses ---------------------------------------------------------------------------
+    def cached(self, name: str, compute: Callable[[], T]) -> T:
+        """The analysis `name` of the current program version, computed once per version.
 
-        Deep: the program and the prologue's program (new ops and values), the trace info and
-        every container (params dict, lists, flags, the containers inside facts, properties).
-        Shared: the model (source patches have their own rollback), the weight arrays (passes
-        replace, never mutate them), non-container objects inside facts (see `copy_facts`) and
-        ``segments`` (passes assign a new plan, never edit one in place).
+        A result computed on a structural copy of this program (same version) is reused;
+        results that point into a program (``.program``) are rebound with ``.rebind(program)``.
         """
-        import copy
+        hit = self._analyses.get(name)
+        if hit is not None and hit[0] == self.version:
+            value = hit[1]
+            if getattr(value, "program", self.program) is not self.program:
+                value = value.rebind(self.program)
+                self._analyses[name] = (self.version, value)
+            return value
+        value = compute()
+        self._analyses[name] = (self.version, value)
+        return value
 
-        from graphopt.ir.pir_utils import clone_program
+    def invalidate(self) -> None:
+        """The program changed: every cached analysis is stale."""
+        self.version += 1
+        self._analyses.clear()
 
+    def patch_checkpoint(self) -> int:
+        """How many source patches the model carries (for retrace decisions and rollback)."""
+        return self.model.patch_checkpoint()
+
+    # -- copies -----------------------------------------------------------------------------
+    def clone(self, program: bool = True) -> ModelProgram:
+        """A copy whose metadata (and, with `program`, PIR programs) can be changed without
+        touching this one (for rollback).
+
+        Copied: the program and the prologue's program (new ops and values) when `program`,
+        every container (params dict, lists, flags, properties, analyses) and the trace infos.
+        Shared: the model (source patches have their own rollback), the weight arrays (passes
+        replace, never mutate them), the trace batch, and ``segments`` (passes assign a new
+        plan, never edit one in place).
+        """
         new = copy.copy(self)
-        new.program = clone_program(self.program) if self.program is not None else None
-        if self.prologue is not None:
-            new.prologue = HostPrologue(
-                program=clone_program(self.prologue.program), outputs=list(self.prologue.outputs)
-            )
+        if program:
+            new.program = clone_program(self.program) if self.program is not None else None
+            if self.prologue is not None:
+                new.prologue = HostPrologue(
+                    program=clone_program(self.prologue.program),
+                    outputs=list(self.prologue.outputs),
+                )
         new.params = dict(self.params)
         new.host_inputs = list(self.host_inputs)
         new.blacklist = list(self.blacklist)
         new.flags = dict(self.flags)
         new.trace = copy.deepcopy(self.trace)
-        new.facts = copy_facts(self.facts)
+        new.traces = copy.deepcopy(self.traces)
+        new.marked = copy.deepcopy(self.marked)
         new.properties = set(self.properties)
+        new._analyses = dict(self._analyses)
         return new
-
-
-def copy_facts(facts: dict[str, Any]) -> dict[str, Any]:
-    """Copy of the facts: containers (dict/list/tuple/set) are copied at every depth, other
-    objects are shared.
-
-    Not ``copy.deepcopy``: facts also hold live objects that must keep their identity (the trace
-    batch references the model's ONE forward-meta object, which SOT guards on; PIR values and
-    programs cannot be deep-copied at all).
-    """
-
-    def copy_(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: copy_(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [copy_(x) for x in v]
-        if isinstance(v, tuple) and type(v) is tuple:
-            return tuple(copy_(x) for x in v)
-        if isinstance(v, set):
-            return set(v)
-        return v
-
-    return copy_(facts)

@@ -12,13 +12,16 @@ from collections.abc import Iterator
 
 import paddle
 
-#: ops that are bookkeeping, not computation (excluded from op counts and coverage).
-NON_COMPUTE_OPS = frozenset(
-    {"pd_op.data", "builtin.parameter", "builtin.shadow_output", "cf.yield", "builtin.combine",
-     "builtin.split", "builtin.slice"}
-)
+from graphopt.ir.sources import FRAME, format_location, is_library_file, original_location
+
 #: control-flow ops: they hold blocks and decide on the host which one runs.
 CONTROL_FLOW_OPS = frozenset({"pd_op.if", "pd_op.while", "pd_op.pylayer"})
+#: a program's inputs, outputs and block terminators: no kernel, never captured, never dead.
+INTERFACE_OPS = frozenset({"pd_op.data", "builtin.parameter", "builtin.shadow_output", "cf.yield"})
+#: ops that only pack or unpack values: no kernel of their own.
+PACKING_OPS = frozenset({"builtin.combine", "builtin.split", "builtin.slice"})
+#: bookkeeping, not computation (excluded from op counts and capture coverage).
+NON_COMPUTE_OPS = INTERFACE_OPS | PACKING_OPS
 
 
 @contextlib.contextmanager
@@ -45,6 +48,14 @@ def clone_program_with_mapping(
     """A deep copy plus the old-value -> new-value mapping (``mapping.look_up(v)``)."""
     mapping = paddle.pir.IrMapping()
     return program.clone(mapping), mapping
+
+
+def block_args(block: paddle.pir.Block) -> list[paddle.pir.Value]:
+    """The arguments of a block (``while`` bodies have some; ``if`` blocks none)."""
+    args = list(block.args())
+    kwargs = block.kwargs()
+    args.extend(kwargs.values() if isinstance(kwargs, dict) else kwargs)
+    return args
 
 
 def walk_ops(block: paddle.pir.Block) -> Iterator[paddle.pir.Operation]:
@@ -136,46 +147,34 @@ def op_sequence(block_or_program, nested: bool = False) -> list[str]:
     return [op.name() for op in (walk_ops(block) if nested else block.ops)]
 
 
-_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
-
-
-def source_location(op: paddle.pir.Operation, roots: tuple[str, ...] = ("models",)) -> str | None:
-    """``file:line (function)`` of the innermost frame of `op`'s call stack inside the model code.
+def source_location(op: paddle.pir.Operation) -> str | None:
+    """``file:line (function)`` of the innermost user frame that built `op`, or None.
 
     Paddle records the Python call stack of every op it builds (``op_callstack``); frames in
-    Paddle itself are skipped, so this points at the model line that produced the op.
+    Paddle, other libraries and graphopt's own machinery are skipped, rewritten functions are
+    translated back to the user's file. Control-flow ops keep no stack: the first located op of
+    their body stands in.
     """
     try:
         stack = op.attrs().get("op_callstack") or []
     except Exception:
         stack = []
     if not stack:
-        # control-flow ops keep no call stack: report where their first located body op is
         for sub in op.blocks():
             for inner in sub.ops:
-                where = source_location(inner, roots)
+                where = source_location(inner)
                 if where:
                     return where
         return None
     best = None
     for frame in stack:
-        m = _FRAME.search(frame)
+        m = FRAME.search(frame)
         if not m:
             continue
-        f = m.group("file")
-        if "site-packages/paddle" in f or ("/paddle/" in f and "site-packages" in f):
-            continue
-        if any(f"/{r}/" in f for r in roots):
-            best = f"{_short(f)}:{m.group('line')} ({m.group('func')})"
+        file, line = original_location(m.group("file"), int(m.group("line")))
+        if not is_library_file(file):
+            best = format_location(file, line, m.group("func"))
     return best
-
-
-def _short(path: str) -> str:
-    for marker in ("/models/", "/tests/", "/passes/", "/runtime/"):
-        i = path.rfind(marker)
-        if i >= 0:
-            return path[i + 1 :]
-    return path
 
 
 def program_text(program: paddle.pir.Program) -> str:
@@ -190,10 +189,6 @@ def strip_callstacks(text: str) -> str:
     return _CALLSTACK_ATTR.sub("", text)
 
 
-#: ops that are kept by dead-op pruning even when nothing uses their results.
-_ROOT_OPS = frozenset({"builtin.shadow_output", "pd_op.data", "builtin.parameter", "cf.yield"})
-
-
 def has_uses(value: paddle.pir.Value) -> bool:
     return len(value.all_used_ops()) > 0
 
@@ -204,7 +199,7 @@ def remove_dead_ops(block: paddle.pir.Block, keep_inputs: bool = True) -> int:
     Feeds (pd_op.data) and parameters are kept when `keep_inputs` (the runtime feeds by name);
     outputs and yields are always kept.
     """
-    roots = _ROOT_OPS if keep_inputs else frozenset({"builtin.shadow_output", "cf.yield"})
+    roots = INTERFACE_OPS if keep_inputs else frozenset({"builtin.shadow_output", "cf.yield"})
     removed = 0
     changed = True
     while changed:
@@ -227,3 +222,16 @@ def remove_outputs(program: paddle.pir.Program) -> None:
         if op.name() == "builtin.shadow_output":
             block.remove_op(op)
 
+
+
+def fold_if(if_op: paddle.pir.Operation, branch: int) -> None:
+    """Replace `if_op` by the ops of one branch (0 = true, 1 = false), in place: the branch's ops
+    move before the ``if``, its results become the values the branch yields."""
+    block = list(if_op.blocks())[branch]
+    inner = list(block.ops)
+    yield_op = inner[-1]
+    for op in inner[:-1]:
+        op.move_before(if_op)
+    for res, src in zip(if_op.results(), yield_op.operands_source(), strict=True):
+        res.replace_all_uses_with(src)
+    if_op.get_parent_block().remove_op(if_op)

@@ -2,7 +2,7 @@
 
 SOT (``paddle.jit.to_static(full_graph=False)``) turns the step into one or more compiled
 subgraphs; every data-dependent Python ``if`` on a Tensor breaks the graph. We record, from SOT's
-own collectors (DESIGN §9): the subgraphs, the graph breaks with reason and source location,
+own collectors: the subgraphs, the graph breaks with reason and source location,
 the compile count and the op count.
 
 When the step is ONE graph, its program is normalised so the runtime owns every input:
@@ -10,8 +10,9 @@ When the step is ONE graph, its program is normalised so the runtime owns every 
 * SOT passes tensors reached through objects (the forward-meta) either as ``pd_op.data`` inputs
   or, inside ``capture_control_flow``-marked functions, as ``builtin.parameter`` bound *by
   reference* (``generated_tensor_N``). Replacing such a tensor between steps is silently not
-  seen (DESIGN §9). Both kinds become ``pd_op.data`` named ``meta.<field>`` here, so the runtime
-  feeds them by value every step; the by-reference ones are listed in the report.
+  seen by Paddle (measured on 3.3.1). Both kinds become ``pd_op.data`` named ``meta.<field>`` here, so the runtime
+  feeds them by value every step; the by-reference ones are listed in the report. A tensor SOT
+  passes both ways (read outside and inside a marked function) becomes ONE feed.
 * step arguments become ``arg.<i>``; weights stay parameters, their values go to ``mp.params``.
 
 The data-op -> tensor mapping is exact: SOT calls each compiled graph with the flat tuple of its
@@ -21,35 +22,32 @@ input tensors in ``concrete_program.inputs`` order, and we record that call.
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import paddle
+from paddle.jit.dy2static import parameter_recorder
+from paddle.jit.sot.infer_meta import InferMetaCache, LayerInferMetaCache, VariableCreator
+from paddle.jit.sot.opcode_translator.executor.executor_cache import OpcodeExecutorCache
+from paddle.jit.sot.symbolic.compile_cache import CompileSIRCache, FallbackWrapper
+from paddle.jit.sot.utils.envs import (
+    ENV_SOT_COLLECT_INFO,
+    EnvironmentVariableGuard,
+    min_graph_size_guard,
+)
+from paddle.jit.sot.utils.info_collector import InfoCollector, InfoType
 
-from graphopt.ir.model_program import GraphBreak, ModelProgram
-from graphopt.ir.pir_utils import clone_program_with_mapping, op_count, static_mode
+from graphopt.errors import TraceError
+from graphopt.ir.model_program import GraphBreak, ModelProgram, TraceInfo
+from graphopt.ir.pir_utils import add_data_op, clone_program_with_mapping, op_count
+from graphopt.ir.sources import user_frames
 from graphopt.models.base import StepBatch, meta_tensor_fields
-
-_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>[^\s]+)')
-
-
-class TraceError(Exception):
-    """Tracing failed or produced something graphopt cannot use."""
 
 
 @contextlib.contextmanager
 def _sot_collectors() -> Iterator[dict]:
     """Collect break reasons + compile counts, and record each compiled graph's first inputs."""
-    from paddle.jit.sot.symbolic.compile_cache import FallbackWrapper
-    from paddle.jit.sot.utils.envs import (
-        ENV_SOT_COLLECT_INFO,
-        EnvironmentVariableGuard,
-        min_graph_size_guard,
-    )
-    from paddle.jit.sot.utils.info_collector import InfoCollector
-
     calls: dict = {"runs": 0}
     original_call = FallbackWrapper.__call__
 
@@ -84,11 +82,6 @@ def _reset_sot_caches() -> None:
     whose objects reuse those addresses crashes inside SOT (seen when two models were traced in
     one process). So the old compiled graphs are kept alive, and the id-keyed maps are emptied.
     """
-    from paddle.jit.dy2static import parameter_recorder
-    from paddle.jit.sot.infer_meta import InferMetaCache, LayerInferMetaCache, VariableCreator
-    from paddle.jit.sot.opcode_translator.executor.executor_cache import OpcodeExecutorCache
-    from paddle.jit.sot.symbolic.compile_cache import CompileSIRCache
-
     _RETIRED_GRAPHS.extend(CompileSIRCache().cache.values())
     OpcodeExecutorCache().clear()
     CompileSIRCache().clear()
@@ -107,40 +100,20 @@ def _reset_sot_caches() -> None:
     creator.var_cache.clear()
 
 
-def _root_location(message: str, model_roots: tuple[str, ...]) -> tuple[str, int, str]:
-    """The innermost model frame named in a (possibly nested) SOT break message."""
-    frames = [
-        (m.group("file"), int(m.group("line")), m.group("func"))
-        for m in _FRAME.finditer(message)
-    ]
-    in_model = [f for f in frames if "site-packages/paddle" not in f[0]]
-    for prefer in (
-        [f for f in in_model if any(r in f[0] for r in model_roots)],
-        in_model,
-        frames,
-    ):
-        if prefer:
-            return prefer[-1]
-    return ("", -1, "")
-
-
-def _collect_breaks(model_roots: tuple[str, ...]) -> tuple[list[GraphBreak], int]:
-    """Every break SOT recorded, each located at its innermost frame outside Paddle.
+def _collect_breaks() -> tuple[list[GraphBreak], int]:
+    """Every break SOT recorded, each located at its innermost user frame.
 
     SOT records a break once where it happens and once more for each enclosing inlined call
     (``BreakGraphInlineCallBreak`` ... ``caused by`` ...); the count is SOT's own, the location
-    is the deepest model frame of the chain (the function whose control flow broke the graph).
+    is the deepest user frame of the chain (the function whose control flow broke the graph).
     """
-    from paddle.jit.sot.utils.info_collector import InfoCollector, InfoType
-
     info = InfoCollector().get_info_dict(InfoType.E2E_INFO)
     breaks: list[GraphBreak] = []
     for item in info.get("BreakGraphReasonInfo", []):
         reason = item.reason
         message = str(reason)
-        file, line, func = _root_location(message, model_roots)
-        if not file and getattr(reason, "file_path", ""):
-            file, line = reason.file_path, reason.line_number
+        frames = user_frames(message)
+        file, line, func = frames[-1] if frames else ("", -1, "")
         cause = message.strip().splitlines()[-1].strip()
         root = type(reason).__name__
         if "control flow" in cause:
@@ -167,13 +140,9 @@ def _collect_breaks(model_roots: tuple[str, ...]) -> tuple[list[GraphBreak], int
     return breaks, len(compiled)
 
 
-def trace_step(mp: ModelProgram, batch: StepBatch, model_roots: tuple[str, ...] = ("/models/",)):
-    """Trace `batch` through SOT; fill ``mp.trace`` and, for a single graph, ``mp.program``.
-
-    Returns the step's outputs as SOT computed them (for the numerics check).
-    """
-    from paddle.jit.sot.symbolic.compile_cache import CompileSIRCache
-
+def trace_step(mp: ModelProgram, batch: StepBatch) -> Any:
+    """Trace `batch` through SOT; append to ``mp.traces`` and, for a single graph, set
+    ``mp.program``. Returns the step's outputs as SOT computed them."""
     layer = mp.model.layer
     _reset_sot_caches()
     t0 = time.perf_counter()
@@ -182,30 +151,24 @@ def trace_step(mp: ModelProgram, batch: StepBatch, model_roots: tuple[str, ...] 
         with paddle.no_grad():
             outs = static_fn(*batch.args, batch.meta)
     elapsed = time.perf_counter() - t0
-    breaks, compile_count = _collect_breaks(model_roots)
+    breaks, compile_count = _collect_breaks()
 
-    wrappers = list(CompileSIRCache().cache.values())
-    graphs = [w for w in wrappers if w.concrete_program is not None]
-    mp.trace.time_s = elapsed
-    mp.trace.graph_breaks = breaks
-    mp.trace.compile_count = compile_count
-    mp.trace.subgraphs = len(graphs)
-    mp.trace.graph_runs = calls["runs"]
-    mp.trace.ops = sum(op_count(w.concrete_program.main_program) for w in graphs)
+    graphs = [w for w in CompileSIRCache().cache.values() if w.concrete_program is not None]
+    mp.trace = TraceInfo(
+        subgraphs=len(graphs),
+        graph_runs=calls["runs"],
+        graph_breaks=breaks,
+        compile_count=compile_count,
+        ops=sum(op_count(w.concrete_program.main_program) for w in graphs),
+        time_s=elapsed,
+        marked=mp.patch_checkpoint(),
+    )
+    mp.traces.append(mp.trace)
+    mp.trace_batch = batch
+    mp.sot_step = static_fn
     mp.properties.add("traced")
-    mp.facts["sot_step_fn"] = static_fn
-    # every trace of this run, in order: the first is the unmodified model's baseline
-    mp.facts.setdefault("traces", []).append({
-        "marked": mp.model.patch_checkpoint(),
-        "subgraphs": mp.trace.subgraphs,
-        "graph_runs": calls["runs"],
-        "graph_breaks": len(mp.trace.graph_breaks),
-        "compile_count": compile_count,
-        "ops": mp.trace.ops,
-        "time_s": round(elapsed, 3),
-    })
-
-    if len(graphs) == 1 and not mp.trace.graph_breaks:
+    mp.invalidate()
+    if len(graphs) == 1 and not breaks:
         w = graphs[0]
         if id(w) not in calls:
             raise TraceError("SOT compiled one graph but never called it; cannot map its inputs")
@@ -213,6 +176,7 @@ def trace_step(mp: ModelProgram, batch: StepBatch, model_roots: tuple[str, ...] 
         mp.properties.add("single-graph")
     else:
         mp.program = None
+        mp.params = {}
         mp.properties.discard("single-graph")
     return outs
 
@@ -246,6 +210,8 @@ def _adopt_program(mp: ModelProgram, wrapper: Any, inputs: tuple, batch: StepBat
     # 2. builtin.parameter: weights stay; meta tensors bound by reference become data ops.
     tensors, values = cp.parameters
     by_reference = []
+    feeds = {op.attrs()["name"]: op.result(0) for op in program.global_block().ops
+             if op.name() == "pd_op.data"}
     for tensor, value in zip(tensors, values, strict=True):
         new_value = mapping.look_up(value)
         op = new_value.get_defining_op()
@@ -255,10 +221,11 @@ def _adopt_program(mp: ModelProgram, wrapper: Any, inputs: tuple, batch: StepBat
             params[pname] = tensor.numpy()
             continue
         by_reference.append(meta_name)
-        with static_mode():
-            from graphopt.ir.pir_utils import add_data_op
-
-            data = add_data_op(program, meta_name, list(tensor.shape), tensor.dtype)
+        # a tensor read outside a marked function too is already a feed: use that one
+        data = feeds.get(meta_name)
+        if data is None:
+            data = feeds[meta_name] = add_data_op(program, meta_name, list(tensor.shape),
+                                                  tensor.dtype)
         new_value.replace_all_uses_with(data)
         program.global_block().remove_op(op)
 

@@ -1,24 +1,90 @@
-"""Model families graphopt can build. ``build_model(cfg)`` dispatches on ``cfg.family``."""
+"""Model families graphopt can build, and how a user's own model plugs in.
+
+A model config node names its builder one of two ways:
+
+* ``_target_: pkg.module.build`` (Hydra's ``instantiate``): the builder is called with the
+  node's other keys as keyword arguments and returns a :class:`graphopt.models.base.ModelBundle`;
+* ``family: <name>``: a built-in family (``deepseek_v3``, ``tiny``) or one a package exposes in
+  the ``graphopt.models`` entry-point group (``my_model = "pkg.module:build"``), called the same
+  way.
+
+Bring-your-own-model configs come in through ``hydra.searchpath`` (README, "Bring your own
+model"); nothing in graphopt is edited.
+"""
 
 from __future__ import annotations
 
-import importlib
+import difflib
+from importlib.metadata import entry_points
 from typing import Any
 
-from graphopt.errors import ConfigError
+from hydra.errors import InstantiationException
+from hydra.utils import get_method, instantiate
+from omegaconf import DictConfig, OmegaConf
 
-#: family name -> module that defines ``build(cfg) -> ModelBundle``.
+from graphopt.errors import ConfigError, GraphoptError, one_line
+from graphopt.models.base import ModelBundle
+
+#: built-in family name -> builder (``module:function``)
 FAMILIES = {
-    "deepseek_v3": "graphopt.models.deepseek_v3",
-    "tiny": "graphopt.models.tiny",
+    "deepseek_v3": "graphopt.models.deepseek_v3:build",
+    "tiny": "graphopt.models.tiny:build",
 }
 
 
-def build_model(cfg: Any):
-    """Build the ModelBundle described by the ``model`` config node."""
-    family = cfg.get("family")
-    if family not in FAMILIES:
-        raise ConfigError(
-            f"unknown model family {family!r}: choose one of {', '.join(sorted(FAMILIES))}"
-        )
-    return importlib.import_module(FAMILIES[family]).build(cfg)
+def families() -> dict[str, str]:
+    """Every known family: the built-ins plus the ``graphopt.models`` entry points."""
+    out = dict(FAMILIES)
+    for ep in entry_points(group="graphopt.models"):
+        out.setdefault(ep.name, ep.value)
+    return out
+
+
+def builder_path(node: Any) -> str:
+    """The dotted path of the builder a model node names (``_target_`` or ``family``)."""
+    target = node.get("_target_")
+    if target:
+        return str(target)
+    family = node.get("family")
+    known = families()
+    if family in known:
+        return known[family].replace(":", ".")
+    if family is None:
+        raise ConfigError("the model config names no builder: give model._target_ "
+                          "(a function returning a ModelBundle) or model.family")
+    close = difflib.get_close_matches(str(family), known, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"model.family={family!r}: unknown.{hint} Known families: "
+                      f"{', '.join(sorted(known))} (more through the graphopt.models entry points)")
+
+
+def check_builder(node: Any) -> None:
+    """Fail now, as one line, if the node's builder cannot be imported (nothing is built)."""
+    path = builder_path(node)
+    try:
+        get_method(path)
+    except Exception as e:
+        raise ConfigError(f"model._target_={path!r}: cannot import it ({one_line(e)})") from None
+
+
+def build_model(node: Any) -> ModelBundle:
+    """Build the ModelBundle a ``model`` config node describes."""
+    path = builder_path(node)
+    cfg = OmegaConf.create(OmegaConf.to_container(node, resolve=True)) \
+        if isinstance(node, DictConfig) else OmegaConf.create(dict(node))
+    with_target = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "family"])
+    with_target["_target_"] = path
+    try:
+        bundle = instantiate(with_target, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, GraphoptError):
+            raise cause from None
+        if isinstance(cause, TypeError) and "argument" in str(cause):
+            raise ConfigError(f"model: {path} does not take these keys: {one_line(cause)}") \
+                from None
+        raise ConfigError(f"model._target_={path!r}: {one_line(cause or e)}") from None
+    if not isinstance(bundle, ModelBundle):
+        raise ConfigError(f"model._target_={path!r} returned {type(bundle).__name__}, "
+                          "expected a graphopt.models.ModelBundle")
+    return bundle

@@ -7,7 +7,7 @@ Hydra config node. The bundle is everything the pipeline needs from a model:
   returns a tuple ``(logits, *updated_state)``; ``state_fields`` name the meta fields that the
   updated state replaces (e.g. the latent KV caches), in the same order.
 * ``meta``: ONE forward-meta object reused across steps (SOT guards on object identity: a new
-  object per step retraces the whole model, DESIGN §9). Batches update its fields in place.
+  object per step retraces the whole model). Batches update its fields in place.
 * ``host_inputs``: the meta fields that live on the host and change every step
   (``max_len_tensor_cpu``). They seed the placement analysis.
 * ``make_batch(kind, seq_lens, cached_lens)``: fills ``meta`` for one step and returns the step's
@@ -17,8 +17,10 @@ Hydra config node. The bundle is everything the pipeline needs from a model:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,6 +62,8 @@ class ModelBundle:
     #: belong to no sequence, change no real output and no real cache row (capture sizes).
     pad_batch: Callable[[StepBatch, int], StepBatch]
     config: Any = None
+    #: where the config and weights came from (path + sha256, or how they were made): report.json
+    provenance: dict[str, Any] = field(default_factory=dict)
     #: (owner object, attribute name, original value), in the order patches were applied.
     _patches: list[tuple[Any, str, Any]] = field(default_factory=list)
 
@@ -94,6 +98,18 @@ class ModelBundle:
         while len(self._patches) > checkpoint:
             owner, attr, original = self._patches.pop()
             setattr(owner, attr, original)
+
+
+def file_provenance(path: str | Path) -> dict[str, Any]:
+    """``{"path", "sha256"}`` of a file, or of every file of a directory (sorted by name)."""
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as handle:
+            for chunk in iter(lambda h=handle: h.read(1 << 20), b""):
+                digest.update(chunk)
+    return {"path": str(path.resolve()), "sha256": digest.hexdigest()}
 
 
 def resolve_meta_field(meta: Any, path: str) -> paddle.Tensor:

@@ -34,7 +34,6 @@ class TinyConfig:
     max_seq_len: int = 16
 
 
-_GRAPHOPT_KEYS = ("name", "family", "seed")
 
 
 class TinyAttention(nn.Layer):
@@ -122,30 +121,44 @@ class TinyModel(nn.Layer):
         return (self.lm_head(hidden_states), *new_caches)
 
 
-def _tiny_config(cfg: Any) -> TinyConfig:
+@dataclass
+class TinyNode:
+    """Schema of the ``model`` node of the tiny family (Hydra checks every value)."""
+
+    _target_: str = "graphopt.models.tiny.build"
+    name: str = "tiny"
+    seed: int = 0
+    num_hidden_layers: int = 2
+    hidden_size: int = 16
+    latent_dim: int = 8
+    vocab_size: int = 32
+    max_num_seqs: int = 4
+    max_seq_len: int = 16
+
+    def __post_init__(self) -> None:
+        for key in ("num_hidden_layers", "hidden_size", "latent_dim", "vocab_size",
+                    "max_num_seqs", "max_seq_len"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.{key}={getattr(self, key)}: must be a positive integer")
+
+
+def build(name: str = "tiny", seed: int = 0, **sizes: Any) -> ModelBundle:
+    """Build the tiny bundle (random weights from `seed`); runs in milliseconds."""
     fields = set(TinyConfig.__dataclass_fields__)
-    values = {}
-    for key in cfg:
-        if key in _GRAPHOPT_KEYS:
-            continue
-        if key not in fields:
-            raise ConfigError(
-                f"model.{key}: not a tiny-model field (choose from {', '.join(sorted(fields))})"
-            )
-        value = cfg[key]
+    unknown = sorted(set(sizes) - fields)
+    if unknown:
+        raise ConfigError(f"model.{unknown[0]}: not a tiny-model field (choose from "
+                          f"{', '.join(sorted(fields))})")
+    for key, value in sizes.items():
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"model.{key}={value!r}: must be a positive integer")
-        values[key] = value
-    return TinyConfig(**values)
-
-
-def build(cfg: Any) -> ModelBundle:
-    """Build the tiny bundle (random weights from ``cfg.seed``); runs in milliseconds."""
-    config = _tiny_config(cfg)
+    config = TinyConfig(**sizes)
     layer = TinyModel(config)
-    rng = np.random.default_rng(cfg.get("seed", 0) or 0)
+    rng = np.random.default_rng(seed)
     # std 0.3 on hidden 16 keeps activations O(1): branch outputs differ visibly.
     for _, param in layer.named_parameters():
         param.set_value(rng.normal(0.0, 0.3, size=param.shape).astype(np.float32))
     layer.eval()
-    return slot_model_bundle(cfg.get("name") or "tiny", layer, config, max_prefill_len=4)
+    bundle = slot_model_bundle(name, layer, config, max_prefill_len=4)
+    bundle.provenance = {"weights": {"random": True, "seed": seed}}
+    return bundle

@@ -2,22 +2,36 @@
 
 A pass is a small class (MLIR / torch.fx style)::
 
+    @dataclass
+    class MyOptions:
+        rounds: int = 2                      # typed; OmegaConf checks every value
+
+        def __post_init__(self) -> None:     # range checks: a ValueError names the option
+            if self.rounds < 1:
+                raise ValueError("rounds must be >= 1")
+
     @register_pass
     class MyPass(Pass):
         name = "my-pass"
         summary = "One line saying what it does."
         stage = Stage.PROGRAM
-        Options = MyOptions            # a dataclass; unknown keys are errors
+        Options = MyOptions
         requires = ("single-graph",)   # properties that must hold before it runs
-        ensures = ("no-hazards",)      # properties it establishes
-        must_run_after = ("other-pass",)  # ordering constraints, checked by the PassManager
+        ensures = ("no-hazards",)      # properties it establishes; each has a checker
+        preserves = ("program",)       # it never changes the PIR program (see below)
+        must_run_after = ("other-pass",)
 
         def run(self, mp: ModelProgram) -> PassResult:
             ...
             return PassResult(modified=True, stats={"rewritten": 3})
 
-Passes read and write one object, the :class:`runtime.model_program.ModelProgram`, and nothing
-else. A pass that raises is rolled back by the PassManager.
+Passes read and write one object, the :class:`graphopt.ir.model_program.ModelProgram`, and
+nothing else. A pass that raises is rolled back by the PassManager.
+
+``preserves``: ``("program",)`` declares that the pass never changes the PIR program (it only
+reads it and writes metadata: blacklist, segments, flags). The PassManager then makes no copy of
+the program for rollback, and every cached analysis stays valid. Any other pass that reports
+``modified`` invalidates the analyses of the program.
 """
 
 from __future__ import annotations
@@ -25,12 +39,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-from graphopt.errors import ConfigError, PassError  # noqa: F401  (re-exported)
+from graphopt.ir.model_program import ModelProgram
 
-if TYPE_CHECKING:
-    from graphopt.ir.model_program import ModelProgram
+#: the value of ``Pass.preserves`` for passes that never change the PIR program
+PRESERVES_PROGRAM = "program"
 
 
 class Stage(str, enum.Enum):
@@ -51,6 +65,25 @@ class PassResult:
 
 
 @dataclass
+class PassRecord:
+    """What one pass did in a run: changed anything?, how long, its counters."""
+
+    name: str
+    modified: bool
+    time_s: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for report.json."""
+        return {
+            "name": self.name,
+            "modified": self.modified,
+            "time_s": round(self.time_s, 6),
+            "stats": dict(self.stats),
+        }
+
+
+@dataclass
 class NoOptions:
     """Options of a pass that takes none."""
 
@@ -66,6 +99,8 @@ class Pass:
     requires: ClassVar[tuple[str, ...]] = ()
     #: Properties this pass establishes (checked after it runs when verify-each is on).
     ensures: ClassVar[tuple[str, ...]] = ()
+    #: What stays valid after the pass: ``("program",)`` if it never changes the PIR program.
+    preserves: ClassVar[tuple[str, ...]] = ()
     #: Passes that, when present in the same pipeline, must come before / after this one.
     must_run_after: ClassVar[tuple[str, ...]] = ()
     must_run_before: ClassVar[tuple[str, ...]] = ()
@@ -75,6 +110,11 @@ class Pass:
 
     def run(self, mp: ModelProgram) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @classmethod
+    def changes_program(cls) -> bool:
+        """Whether the pass may change the PIR program (see ``preserves``)."""
+        return cls.stage is Stage.PROGRAM and PRESERVES_PROGRAM not in cls.preserves
 
     @classmethod
     def option_fields(cls) -> list[dataclasses.Field]:

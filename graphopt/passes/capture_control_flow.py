@@ -3,7 +3,7 @@
 SOT cannot trace a Python ``if`` on a Tensor value: the graph breaks and the step falls back to
 Python. ``paddle.jit.marker.capture_control_flow`` makes SOT convert a function through the AST
 path instead, which turns such an ``if`` into a ``pd_op.if`` op inside one graph. This is what the
-seed change did by hand for DeepSeek-V3 (DESIGN §1); here it is done for any model:
+seed change did by hand for DeepSeek-V3 in FastDeploy; here it is done for any model:
 
 * ``mode=explicit``: the qualified names in ``targets`` are marked;
 * ``mode=auto``: trace, read SOT's break reasons, mark the function each break points at,
@@ -16,29 +16,45 @@ the original is kept, so a failing pipeline restores it.
 
 from __future__ import annotations
 
+import enum
 import importlib
 import inspect
 import sys
 import types
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import paddle
 
-from graphopt.passes.base import ConfigError, Pass, PassResult, Stage
+from graphopt.errors import ConfigError
+from graphopt.ir.trace import trace_step
+from graphopt.passes.base import Pass, PassResult, Stage
 from graphopt.passes.registry import register_pass
 
 _MARK_ATTR = "__graphopt_marked__"
 
 
+class Mode(str, enum.Enum):
+    """How capture-control-flow finds the functions to mark."""
+
+    auto = "auto"
+    explicit = "explicit"
+
+
 @dataclass
 class CaptureControlFlowOptions:
     #: auto: find the functions from SOT's break reasons; explicit: mark `targets`.
-    mode: Literal["auto", "explicit"] = "auto"
+    mode: Mode = Mode.auto
     #: qualified names, e.g. graphopt.models.deepseek_v3.modeling.DeepseekV3MLAAttention.forward
     targets: list[str] = field(default_factory=list)
     #: auto mode gives up after this many trace-mark rounds.
     max_rounds: int = 8
+
+    def __post_init__(self) -> None:
+        if self.max_rounds < 1:
+            raise ValueError(f"max_rounds must be >= 1, got {self.max_rounds}")
+        if self.mode is Mode.explicit and not self.targets:
+            raise ValueError("mode=explicit needs targets (qualified function names)")
 
 
 @register_pass
@@ -47,14 +63,11 @@ class CaptureControlFlow(Pass):
     summary = "Mark functions whose Tensor `if` breaks the SOT graph so it becomes pd_op.if."
     stage = Stage.SOURCE
     Options = CaptureControlFlowOptions
-    ensures = ("control-flow-captured",)
 
     def run(self, mp) -> PassResult:
-        from graphopt.ir.trace import trace_step
-
-        batch = mp.facts.get("trace_batch")
+        batch = mp.trace_batch
         if batch is None:
-            raise ConfigError("capture-control-flow needs a trace batch (mp.facts['trace_batch'])")
+            raise ConfigError("capture-control-flow needs a trace batch (mp.trace_batch)")
         top = type(mp.model.layer).forward
 
         trace_step(mp, batch)
@@ -106,13 +119,11 @@ class CaptureControlFlow(Pass):
             elif not unresolved:
                 unresolved.append({"site": "-", "why": f"gave up after {rounds} rounds"})
 
-        mp.facts["traced_at_patch"] = mp.model.patch_checkpoint()
         after = len(mp.trace.graph_breaks)
-        mp.facts["graph_breaks"] = {"before": before, "after": after}
         return PassResult(
             modified=bool(marked),
             stats={
-                "mode": self.options.mode,
+                "mode": self.options.mode.value,
                 "marked": marked,
                 "rounds": rounds,
                 "graph_breaks_before": before,

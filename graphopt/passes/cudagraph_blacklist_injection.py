@@ -17,9 +17,13 @@ from dataclasses import dataclass, field
 
 import paddle
 
+from graphopt.errors import ConfigError
+from graphopt.ir.model_program import ModelProgram
 from graphopt.ir.pir_utils import CONTROL_FLOW_OPS, NON_COMPUTE_OPS, source_location, walk_ops
-from graphopt.passes.base import ConfigError, Pass, PassResult, Stage
+from graphopt.passes.analysis.placement import Placement, placement_of
+from graphopt.passes.base import PRESERVES_PROGRAM, Pass, PassResult, Stage
 from graphopt.passes.registry import register_pass
+from graphopt.passes.verify import register_property_check
 
 FLAG = "FLAGS_cuda_graph_blacklist"
 
@@ -48,6 +52,7 @@ class CudaGraphBlacklistInjection(Pass):
     Options = BlacklistOptions
     requires = ("single-graph",)
     ensures = ("blacklisted",)
+    preserves = (PRESERVES_PROGRAM,)
     must_run_after = ("hoist-host-branch-conditions",)
 
     def run(self, mp) -> PassResult:
@@ -62,8 +67,8 @@ class CudaGraphBlacklistInjection(Pass):
             raise ConfigError(
                 f"full_cuda_graph=true, but the program still has control flow ({found}; first "
                 f"at {where}) and a CUDA graph cannot capture it. Ways out: full_cuda_graph=false "
-                "(capture piecewise around the control flow), or remove the Tensor `if` from the "
-                "model (e.g. compute both branches and select with paddle.where)."
+                "(capture piecewise around the control flow), or pipeline=full_graph (one "
+                "if-free program per branch combination, see specialize-branches)."
             )
 
         host_bound: list[str] = []
@@ -102,9 +107,7 @@ def _host_bound_op_names(mp) -> list[str]:
     Per-name, because FLAGS_cuda_graph_blacklist is per-name: blacklisting ``pd_op.cast`` because
     one cast is host-bound would stop every device cast from being captured.
     """
-    from graphopt.passes.analysis.placement import Placement, analyze_placement
-
-    placement = analyze_placement(mp.program, mp.host_inputs)
+    placement = placement_of(mp)
     host: dict[str, bool] = {}
     for op in walk_ops(mp.program.global_block()):
         name = op.name()
@@ -113,3 +116,17 @@ def _host_bound_op_names(mp) -> list[str]:
         is_host = all(placement.of(r) is Placement.HOST_RUNTIME for r in op.results())
         host[name] = host.get(name, True) and is_host
     return sorted(n for n, h in host.items() if h)
+
+
+@register_property_check("blacklisted")
+def _check_blacklisted(mp: ModelProgram) -> str | None:
+    """Every control-flow op left in the program is blacklisted, in the ModelProgram and in the
+    flag value handed to Paddle."""
+    left = {op.name() for op in walk_ops(mp.program.global_block())} & CONTROL_FLOW_OPS
+    missing = sorted(left - set(mp.blacklist))
+    if missing:
+        return f"control-flow ops not blacklisted: {', '.join(missing)}"
+    flag = set(mp.flags.get(FLAG, "").split(","))
+    if not set(mp.blacklist) <= flag:
+        return f"{FLAG} lacks {', '.join(sorted(set(mp.blacklist) - flag))}"
+    return None

@@ -27,17 +27,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from graphopt.ir.model_program import HostPrologue
+from graphopt.errors import PassError
+from graphopt.ir.model_program import HostPrologue, ModelProgram
 from graphopt.ir.pir_utils import (
-    CONTROL_FLOW_OPS,
     add_data_op,
     add_output,
     clone_program_with_mapping,
     remove_dead_ops,
     remove_outputs,
 )
-from graphopt.passes.base import Pass, PassError, PassResult, Stage
+from graphopt.passes.analysis.placement import hazards_of
+from graphopt.passes.base import Pass, PassResult, Stage
 from graphopt.passes.registry import register_pass
+from graphopt.passes.verify import register_property_check
 
 
 @dataclass
@@ -45,13 +47,10 @@ class HoistOptions:
     #: prefix of the main program's new inputs fed by the prologue.
     feed_prefix: str = "hoisted"
 
-
-def hazard_report(mp) -> list[dict]:
-    """The current replay hazards, as report rows (op, location, value)."""
-    from graphopt.passes.analysis.placement import find_hazards
-
-    blacklist = sorted(set(mp.blacklist) | CONTROL_FLOW_OPS)
-    return [h.to_dict() for h in find_hazards(mp.program, mp.host_inputs, blacklist)]
+    def __post_init__(self) -> None:
+        if not self.feed_prefix or "." in self.feed_prefix:
+            raise ValueError(f"feed_prefix must be a non-empty name without dots, got "
+                             f"{self.feed_prefix!r}")
 
 
 @register_pass
@@ -63,66 +62,56 @@ class HoistHostBranchConditions(Pass):
     requires = ("single-graph",)
     ensures = ("no-hazards",)
 
-    def run(self, mp) -> PassResult:
-        from graphopt.passes.analysis.placement import find_hazards
-
+    def run(self, mp: ModelProgram) -> PassResult:
+        hazards = hazards_of(mp)
+        if not hazards:
+            return PassResult(False, {"hazards_before": 0, "hazards_after": 0, "hoisted_ops": 0})
+        if mp.prologue is not None:
+            raise PassError("a host prologue exists already; run this pass once per pipeline")
         program = mp.program
         block = program.global_block()
-        blacklist = sorted(set(mp.blacklist) | CONTROL_FLOW_OPS)
-        hazards = find_hazards(program, mp.host_inputs, blacklist)
-        before = [h.to_dict() for h in hazards]
-        mp.facts.setdefault("hazards", {})["before"] = len(before)
-        mp.facts["hazards"]["details_before"] = before
-        if not hazards:
-            mp.facts["hazards"].update(after=0, details_after=[])
-            return PassResult(False, {"hazards_before": 0, "hazards_after": 0, "hoisted_ops": 0})
-
         top_ops = list(block.ops)
         nested = [h for h in hazards if len(h.index_path) != 1]
-        hoist = {top_ops[h.index_path[0]] for h in hazards if len(h.index_path) == 1}
-        hoist_ids = {id(op) for op in hoist}
+        hoist_ids = {top_ops[h.index_path[0]].id() for h in hazards if len(h.index_path) == 1}
         # Values that leave the hoisted chain: these become the prologue's outputs.
-        frontier = []
-        for op in top_ops:
-            if id(op) not in hoist_ids:
-                continue
-            for r in op.results():
-                users = r.all_used_ops()
-                if any(id(u) not in hoist_ids for u in users):
-                    frontier.append(r)
-        existing = len(mp.prologue.outputs) if mp.prologue is not None else 0
-        if existing:
-            raise PassError("a host prologue exists already; run this pass once per pipeline")
+        frontier = [
+            r for op in top_ops if op.id() in hoist_ids for r in op.results()
+            if any(u.id() not in hoist_ids for u in r.all_used_ops())
+        ]
 
         # Prologue: the whole program, cut down to the frontier values.
         prologue, mapping = clone_program_with_mapping(program)
         remove_outputs(prologue)
-        names = []
-        for k, v in enumerate(frontier):
-            name = f"{self.options.feed_prefix}.{k}"
+        names = [f"{self.options.feed_prefix}.{k}" for k in range(len(frontier))]
+        for name, v in zip(names, frontier, strict=True):
             add_output(prologue, mapping.look_up(v), name)
-            names.append(name)
         remove_dead_ops(prologue.global_block(), keep_inputs=False)
 
         # Main program: frontier values become feeds; the chain becomes dead and goes.
         for name, v in zip(names, frontier, strict=True):
-            data = add_data_op(program, name, list(v.shape), v.dtype)
-            v.replace_all_uses_with(data)
+            v.replace_all_uses_with(add_data_op(program, name, list(v.shape), v.dtype))
         for op in reversed(top_ops):
-            if id(op) in hoist_ids and not any(r.all_used_ops() for r in op.results()):
+            if op.id() in hoist_ids and not any(r.all_used_ops() for r in op.results()):
                 block.remove_op(op)
         remove_dead_ops(block)
-
         mp.prologue = HostPrologue(program=prologue, outputs=names)
-        after = [h.to_dict() for h in find_hazards(program, mp.host_inputs, blacklist)]
-        mp.facts["hazards"].update(after=len(after), details_after=after)
+        mp.invalidate()
+        after = hazards_of(mp)
         return PassResult(
             True,
             {
-                "hazards_before": len(before),
+                "hazards_before": len(hazards),
                 "hazards_after": len(after),
-                "hoisted_ops": len(hoist),
+                "hoisted_ops": len(hoist_ids),
                 "prologue_outputs": len(names),
                 "not_hoistable_nested": len(nested),
             },
         )
+
+
+@register_property_check("no-hazards")
+def _check_no_hazards(mp: ModelProgram) -> str | None:
+    hazards = hazards_of(mp)
+    if not hazards:
+        return None
+    return f"{len(hazards)} replay hazard(s) left, first: {hazards[0]}"

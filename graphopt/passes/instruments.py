@@ -12,7 +12,7 @@ For program-stage passes `mp` is the work copy the pass runs on; for source-stag
 the ModelProgram itself. Instruments observe: they never change `mp`.
 
 Timing and statistics are recorded by the PassManager itself into
-:class:`passes.manager.PassRecord` objects (``pm.records``); :func:`format_records` prints them.
+:class:`graphopt.passes.base.PassRecord` objects (``pm.records``); :func:`format_records` prints them.
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from graphopt.passes.base import Pass, PassResult, Stage
+from graphopt.ir.model_program import ModelProgram
+from graphopt.ir.pir_utils import program_text
+from graphopt.passes.base import Pass, PassRecord, PassResult, Stage
 from graphopt.passes.verify import PassVerificationError, check_program, check_properties
-
-if TYPE_CHECKING:
-    from graphopt.ir.model_program import ModelProgram
-    from graphopt.passes.manager import PassRecord
 
 
 class PassInstrument:
@@ -79,6 +77,17 @@ def _wraps(fn: Any, original: Any) -> bool:
     return False
 
 
+def marked_text(mp: ModelProgram) -> str:
+    """The functions capture-control-flow marked, in words, with file:line and any rewrite."""
+    if not mp.marked:
+        return "marked functions: none\n"
+    lines = [f"marked functions ({len(mp.marked)}): each Tensor `if` in them becomes pd_op.if"]
+    for m in mp.marked:
+        lines.append(f"  {m.qualname} at {m.location}")
+        lines.extend(f"    rewritten in memory: {r}" for r in m.rewrites)
+    return "\n".join(lines) + "\n"
+
+
 def patches_text(mp: ModelProgram) -> str:
     """One line per source patch applied to the model: ``owner.attr: original -> current``."""
     patches = getattr(mp.model, "_patches", None) or []
@@ -103,9 +112,9 @@ class IRDumpInstrument(PassInstrument):
 
     * ``000_input.txt``: the program before the first program-stage pass;
     * ``NNN_<pass>.txt`` (NNN = the pass's 1-based pipeline index, 3 digits): a ``//`` header with
-      the pass name and stats, then the program text (``runtime.pir_utils.program_text``); for a
-      source-stage pass, the list of patches applied to the model instead;
-    * with `only_on_change`, a pass whose result says ``modified=False`` writes nothing;
+      the pass name, whether it changed anything and its stats, then the program text; for a
+      source-stage pass, the functions it marked (file:line) and the patches applied instead;
+    * with `only_on_change`, a pass whose result says ``modified=False`` writes only its header;
     * ``NNN_<pass>.failed.txt``: the state a failed pass left behind (before rollback) and the
       error, when `dump_on_error`.
     """
@@ -128,10 +137,8 @@ class IRDumpInstrument(PassInstrument):
         self.written.append(path)
 
     def _body(self, pass_: Pass, mp: ModelProgram) -> str:
-        from graphopt.ir.pir_utils import program_text
-
         if pass_.stage is Stage.SOURCE:
-            return patches_text(mp)
+            return marked_text(mp) + "\n" + patches_text(mp)
         if mp.program is None:
             return "(no program)\n"
         return program_text(mp.program)
@@ -139,8 +146,6 @@ class IRDumpInstrument(PassInstrument):
     def before_pass(self, pass_: Pass, mp: ModelProgram, index: int) -> None:
         if self._input_written or pass_.stage is not Stage.PROGRAM or mp.program is None:
             return
-        from graphopt.ir.pir_utils import program_text
-
         self._input_written = True
         self._write(
             "000_input.txt",
@@ -149,13 +154,15 @@ class IRDumpInstrument(PassInstrument):
         )
 
     def after_pass(self, pass_: Pass, mp: ModelProgram, index: int, result: PassResult) -> None:
-        if self.only_on_change and not result.modified:
-            return
         header = [
             f"after pass {index} '{pass_.name}' (stage {pass_.stage.value})",
             f"modified: {str(result.modified).lower()}",
             f"stats: {json.dumps(result.stats, sort_keys=True, default=str)}",
         ]
+        if self.only_on_change and not result.modified:
+            self._write(f"{index:03d}_{pass_.name}.txt", header,
+                        "(unchanged: the pass changed nothing; the program is the previous dump's)")
+            return
         self._write(f"{index:03d}_{pass_.name}.txt", header, self._body(pass_, mp))
 
     def on_error(self, pass_: Pass, mp: ModelProgram, index: int, error: BaseException) -> None:

@@ -11,7 +11,8 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from graphopt.passes.base import ConfigError, Pass
+from graphopt.errors import ConfigError
+from graphopt.passes.base import Pass
 from graphopt.passes.options import default_value, field_types, option_help, type_name
 from graphopt.passes.registry import all_passes, get_pass
 

@@ -13,52 +13,33 @@ config fails in a second, not after a trace.
 Running is transactional (torch.fx / MLIR style): a pass that raises — or whose result fails
 verification — leaves the ModelProgram exactly as it was, and the error names the pass and the
 passes that ran before it. Program-stage passes run on ``mp.clone()`` which replaces ``mp``'s state
-only on success; source-stage passes are undone through the model's patch checkpoints.
+only on success (a pass that preserves the program gets a copy of the metadata only);
+source-stage passes are undone through the model's patch checkpoints.
 
-Consequence for pass authors: every program-stage pass works on a fresh copy of the program, so a
-PIR ``Value``/``Operation`` held in metadata (facts, segments) across passes points into a program
+Consequence for pass authors: a program-stage pass may work on a fresh copy of the program, so
+a PIR ``Value``/``Operation`` held in metadata (segments) across passes points into a program
 that is gone. Refer to values by name (feed/parameter/output names, op paths), never by object.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import difflib
 import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from graphopt.passes.base import ConfigError, Pass, PassError, PassResult, Stage
+from omegaconf import OmegaConf
+
+from graphopt.errors import ConfigError, PassError, one_line
+from graphopt.ir.model_program import ModelProgram
+from graphopt.passes.base import Pass, PassRecord, PassResult, Stage
 from graphopt.passes.instruments import PassInstrument, VerifyEachInstrument
-from graphopt.passes.options import build_options, options_to_dict, to_plain
+from graphopt.passes.options import build_options, options_to_dict
 from graphopt.passes.registry import all_passes, get_pass
 from graphopt.passes.verify import PassVerificationError, check_program, release_program
-
-if TYPE_CHECKING:
-    from graphopt.ir.model_program import ModelProgram
-
-
-@dataclass
-class PassRecord:
-    """What one pass did in a run: changed anything?, how long, its counters."""
-
-    name: str
-    modified: bool
-    time_s: float
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for report.json."""
-        return {
-            "name": self.name,
-            "modified": self.modified,
-            "time_s": round(self.time_s, 6),
-            "stats": dict(self.stats),
-        }
 
 
 class PassManager:
@@ -79,6 +60,8 @@ class PassManager:
         self.instruments: list[PassInstrument] = list(instruments)
         #: every record of every run of this manager, in order.
         self.records: list[PassRecord] = []
+        #: passes whose config options were not used because they are not in the pipeline.
+        self.ignored_options: list[str] = []
         # Names of the passes that already ran on each ModelProgram (for error messages), keyed
         # by id() with a weak reference to tell a recycled id from the same object.
         self._history: dict[int, tuple[weakref.ref, list[str]]] = {}
@@ -99,8 +82,8 @@ class PassManager:
         Everything is validated before anything runs; any problem is a :class:`ConfigError`
         that names the culprit and lists the valid choices.
         """
-        names = to_plain(names) if names is not None else []
-        options = to_plain(options) if options is not None else {}
+        names = _container(names) if names is not None else []
+        options = _container(options) if options is not None else {}
         if isinstance(names, str) or not isinstance(names, (list, tuple)):
             raise ConfigError(f"pipeline passes must be a list of pass names, got {names!r}")
         if not isinstance(options, Mapping):
@@ -121,15 +104,16 @@ class PassManager:
                 )
             seen[name] = i
 
+        #: options of registered passes left out of the pipeline (a pipeline's options survive
+        #: a `pipeline.passes=[...]` override): kept out, and said so by describe()
+        ignored = []
         for key in options:
             if key in seen:
                 continue
             registered = all_passes()
             if key in registered:
-                raise ConfigError(
-                    f"options given for pass '{key}', which is not in the pipeline "
-                    f"{_pipeline_str(names)}; add it to the passes list or remove its options"
-                )
+                ignored.append(key)
+                continue
             close = difflib.get_close_matches(
                 str(key), list(names), n=1
             ) or difflib.get_close_matches(str(key), list(registered), n=1)
@@ -140,7 +124,9 @@ class PassManager:
             )
 
         passes = [pc(build_options(pc, options.get(pc.name))) for pc in pass_classes]
-        return cls(passes, verify_each=verify_each, instruments=instruments)
+        pm = cls(passes, verify_each=verify_each, instruments=instruments)
+        pm.ignored_options = ignored
+        return pm
 
     # -- introspection --------------------------------------------------------------------------
 
@@ -167,6 +153,9 @@ class PassManager:
         for i, entry in enumerate(self.resolved(), 1):
             opts = ", ".join(f"{k}={v!r}" for k, v in entry["options"].items()) or "-"
             lines.append(f"  {i}. {entry['name']:<{width}}  [{entry['stage']}]  {opts}")
+        if self.ignored_options:
+            lines.append("  (options of " + ", ".join(self.ignored_options)
+                         + " not used: not in the pipeline)")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -217,23 +206,24 @@ class PassManager:
         _check_preconditions(pass_, mp)
 
         program_stage = pass_.stage is Stage.PROGRAM
+        changes_program = pass_.changes_program()
         if program_stage:
             try:
-                work = mp.clone()
+                work = mp.clone(program=changes_program)
             except Exception as e:
                 raise PassError(
                     f"pass '{pass_.name}' failed: cannot copy the program for rollback: "
-                    f"{type(e).__name__}: {_one_line(e)}{_before(history)}"
+                    f"{type(e).__name__}: {one_line(e)}{_before(history)}"
                 ) from e
-            cloned = _programs_of(work)
-            snapshot: dict[str, Any] = {}
+            cloned = _programs_of(work) if changes_program else []
+            snapshot = None
             checkpoint = None
         else:
             # Source passes act on the live model: remember what to undo.
             work = mp
             cloned = []
-            snapshot = _snapshot(mp)
-            checkpoint = _patch_checkpoint(mp)
+            snapshot = mp.clone(program=False)
+            checkpoint = mp.patch_checkpoint()
 
         elapsed = 0.0
         try:
@@ -263,12 +253,16 @@ class PassManager:
                 rollback_note = _restore(mp, snapshot, checkpoint)
             if not isinstance(e, Exception):  # KeyboardInterrupt & co: rolled back, not wrapped
                 raise
+            if isinstance(e, ConfigError):  # the user's input, not the pass, is at fault
+                raise ConfigError(f"pass '{pass_.name}': {e}{_before(history)}") from e
             raise PassError(
-                f"pass '{pass_.name}' failed: {type(e).__name__}: {_one_line(e)}"
+                f"pass '{pass_.name}' failed: {type(e).__name__}: {one_line(e)}"
                 f"{_before(history)}{rollback_note}"
             ) from e
 
         if program_stage:
+            if changes_program and result.modified and work.version == mp.version:
+                work.invalidate()  # (a pass that invalidated itself keeps what it cached since)
             for f in dataclasses.fields(mp):
                 setattr(mp, f.name, getattr(work, f.name))
         mp.properties.update(pass_.ensures)
@@ -374,39 +368,23 @@ def _programs_of(mp: ModelProgram) -> list[Any]:
 # -- source-stage rollback ----------------------------------------------------------------------
 
 
-def _snapshot(mp: ModelProgram) -> dict[str, Any]:
-    """Every field of `mp`, containers copied, so the fields can be put back after a failure."""
-    from graphopt.ir.model_program import copy_facts
-
-    snap = {}
-    for f in dataclasses.fields(mp):
-        value = getattr(mp, f.name)
-        if f.name == "facts":
-            value = copy_facts(value)
-        elif f.name == "trace":
-            value = copy.deepcopy(value)  # plain data (counts, break sites)
-        elif isinstance(value, (set, list, dict)):
-            value = type(value)(value)
-        snap[f.name] = value
-    return snap
-
-
-def _patch_checkpoint(mp: ModelProgram) -> int | None:
-    checkpoint = getattr(mp.model, "patch_checkpoint", None)
-    return checkpoint() if checkpoint is not None else None
-
-
-def _restore(mp: ModelProgram, snapshot: dict[str, Any], checkpoint: int | None) -> str:
+def _restore(mp: ModelProgram, snapshot: ModelProgram, checkpoint: int) -> str:
     """Undo a failed source pass; returns a note for the error message if undoing failed."""
     note = ""
-    if checkpoint is not None:
-        try:
-            mp.model.restore_patches(checkpoint)
-        except Exception as e:  # report, but still restore the fields
-            note = f" [rollback of model patches failed: {type(e).__name__}: {_one_line(e)}]"
-    for name, value in snapshot.items():
-        setattr(mp, name, value)
+    try:
+        mp.model.restore_patches(checkpoint)
+    except Exception as e:  # report, but still restore the fields
+        note = f" [rollback of model patches failed: {type(e).__name__}: {one_line(e)}]"
+    for f in dataclasses.fields(mp):
+        setattr(mp, f.name, getattr(snapshot, f.name))
     return note
+
+
+def _container(value: Any) -> Any:
+    """OmegaConf nodes (at any depth) as plain containers; anything else as is."""
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
 
 
 # -- messages -----------------------------------------------------------------------------------
@@ -418,11 +396,3 @@ def _before(history: Sequence[str]) -> str:
 
 def _pipeline_str(names: Sequence[str]) -> str:
     return "[" + ", ".join(names) + "]"
-
-
-def _one_line(e: BaseException) -> str:
-    """The first non-empty line of an error (Paddle's carry C++ tracebacks below it)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    if not lines:
-        return "(no message)"
-    return lines[0] + (" [...]" if len(lines) > 1 else "")

@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 
 import paddle
 
+from graphopt.errors import ConfigError
 from graphopt.ir.pir_utils import op_count, program_text
-from graphopt.passes.base import ConfigError, Pass, PassResult, Stage
+from graphopt.passes.base import Pass, PassResult, Stage
 from graphopt.passes.registry import register_pass
 
 #: Names registered in Paddle 3.3 (``REGISTER_IR_PASS``), used only to suggest a fix for a typo.

@@ -11,7 +11,8 @@ import importlib
 import re
 from importlib.metadata import entry_points
 
-from graphopt.passes.base import ConfigError, Pass
+from graphopt.errors import ConfigError
+from graphopt.passes.base import Pass
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _LOADED = False

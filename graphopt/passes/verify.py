@@ -20,15 +20,12 @@ so it can be freed safely; the PassManager calls it on the work copy of a failed
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
 import paddle
 
 from graphopt.errors import PassError
-from graphopt.ir.pir_utils import CONTROL_FLOW_OPS, walk_ops
-
-if TYPE_CHECKING:
-    from graphopt.ir.model_program import ModelProgram
+from graphopt.ir.model_program import ModelProgram
+from graphopt.ir.pir_utils import CONTROL_FLOW_OPS, block_args, walk_ops
 
 #: checker(mp) -> None if the property holds, else a one-line description of the violation.
 PropertyCheck = Callable[["ModelProgram"], "str | None"]
@@ -63,19 +60,12 @@ def register_property_check(name: str) -> Callable[[PropertyCheck], PropertyChec
 # -- structural verification ---------------------------------------------------------------------
 
 
-def _block_args(block: paddle.pir.Block) -> list[paddle.pir.Value]:
-    args = list(block.args())
-    kwargs = block.kwargs()
-    args.extend(kwargs.values() if isinstance(kwargs, dict) else kwargs)
-    return args
-
-
 def _definition_sites(program: paddle.pir.Program) -> dict[str, str]:
     """Value id -> where it is defined ("op 3 'pd_op.relu'"), for every value of the program."""
     sites: dict[str, str] = {}
 
     def visit(block: paddle.pir.Block, path: str) -> None:
-        for j, v in enumerate(_block_args(block)):
+        for j, v in enumerate(block_args(block)):
             sites[v.id] = f"{path}argument {j}"
         for i, op in enumerate(block.ops):
             where = f"{path}op {i} '{op.name()}'"
@@ -98,7 +88,7 @@ def check_program(program: paddle.pir.Program) -> list[str]:
     visible: set[str] = set()
 
     def visit(block: paddle.pir.Block, path: str) -> None:
-        added = [v.id for v in _block_args(block)]
+        added = [v.id for v in block_args(block)]
         visible.update(added)
         for i, op in enumerate(block.ops):
             where = f"{path}op {i} '{op.name()}'"
@@ -154,11 +144,13 @@ def verify_program(program: paddle.pir.Program) -> None:
 
 
 def check_properties(mp: ModelProgram, properties: Iterable[str]) -> list[str]:
-    """Violations of the given properties by `mp` (properties without a checker are skipped)."""
+    """Violations of the given properties by `mp`. A property without a checker is a violation
+    too: a promise nobody checks is not made."""
     problems = []
     for prop in properties:
         checker = PROPERTY_CHECKS.get(prop)
         if checker is None:
+            problems.append(f"property '{prop}' has no checker (register_property_check)")
             continue
         try:
             message = checker(mp)
@@ -169,16 +161,17 @@ def check_properties(mp: ModelProgram, properties: Iterable[str]) -> list[str]:
     return problems
 
 
-def verify_properties(mp: ModelProgram, properties: Iterable[str]) -> None:
-    """Raise :class:`PassVerificationError` if a property with a registered checker is violated."""
-    problems = check_properties(mp, properties)
-    if problems:
-        raise PassVerificationError(problems)
-
-
 @register_property_check("traced")
 def _check_traced(mp: ModelProgram) -> str | None:
     return None if mp.program is not None else "the ModelProgram has no program"
+
+
+@register_property_check("single-graph")
+def _check_single_graph(mp: ModelProgram) -> str | None:
+    if mp.program is None or mp.trace.subgraphs != 1 or mp.trace.graph_breaks:
+        return (f"the step is {mp.trace.subgraphs} SOT graph(s) with "
+                f"{len(mp.trace.graph_breaks)} break(s), not one program")
+    return None
 
 
 @register_property_check("no-control-flow")

@@ -1,6 +1,6 @@
 """CUDA-graph capture orchestration, shared by the CPU replay emulator and the GPU backend.
 
-What the orchestration does (FastDeploy / vLLM style, DESIGN §5): one graph per
+What the orchestration does (FastDeploy / vLLM style): one graph per
 (segment id, capture size); the first time a segment runs at a size it is warmed up
 (``num_warmups`` plain runs), then captured, then replayed; every later run at that size is a
 replay. Inputs go through *static input buffers*: a graph is bound to the buffers it was
@@ -38,8 +38,8 @@ from graphopt.ir.pir_utils import (
     output_values,
     static_mode,
 )
+from graphopt.ir.program_index import ProgramIndex
 from graphopt.ir.segment_plan import Segment
-from graphopt.passes.analysis.liveness import ProgramIndex
 from graphopt.runtime.executor import ProgramRunner
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class CudaGraphBackend(CaptureBackend):
 
     Static input buffers are the feed variables of a per-segment scope on the GPU; a replay
     writes new inputs into them (same shape, so the allocation is reused) and replays. Untested
-    here: no CUDA build of Paddle 3.x on the public registry (DESIGN §9).
+    here: no CUDA build of Paddle 3.x on the public registry.
     """
 
     name = "cuda"
@@ -323,13 +323,3 @@ class CaptureManager:
         outs = self.backend.replay(graph, feeds)
         self.stats.replays += 1
         return outs
-
-
-def __getattr__(name: str) -> Any:
-    # StepExecutor lives in runtime.piecewise (which imports this module); re-exported lazily
-    # so `from graphopt.runtime.capture import StepExecutor` works without an import cycle.
-    if name == "StepExecutor":
-        from graphopt.runtime.step import StepExecutor
-
-        return StepExecutor
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

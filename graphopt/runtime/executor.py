@@ -1,7 +1,7 @@
 """Run a PIR program with Paddle's static Executor, outside SOT.
 
 Weights go into a private ``paddle.static.Scope`` once; per-step inputs are fed by value every
-run (never bound by reference: DESIGN §9). Outputs come back as numpy arrays.
+run: a program holding a tensor by reference would miss a replaced tensor. Outputs come back as numpy arrays.
 """
 
 from __future__ import annotations
@@ -56,12 +56,3 @@ class ProgramRunner:
             raise KeyError(f"missing feeds: {', '.join(missing)}")
         with static_mode(), paddle.static.scope_guard(self.scope):
             return self.exe.run(self.program, feed=feed, fetch_list=self.fetch)
-
-
-def run_program(
-    program: paddle.pir.Program,
-    params: Mapping[str, np.ndarray],
-    feeds: Mapping[str, np.ndarray],
-) -> list[np.ndarray]:
-    """One-shot convenience: run `program` once and return its outputs."""
-    return ProgramRunner(program, params).run(feeds)

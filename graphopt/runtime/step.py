@@ -1,9 +1,9 @@
 """Run a segmented program step by step: captured segments through a capture backend, eager
-control flow on the host (DESIGN §5).
+control flow on the host.
 
 One step::
 
-    feeds   <- the batch, BY VALUE (arg.<i>, meta.<path>); never tensors bound by reference (§9)
+    feeds   <- the batch, BY VALUE (arg.<i>, meta.<path>); never tensors bound by reference
     feeds  += host prologue fetches (hoisted.<k>), run eagerly every step
     pad     <- the batch padded to the next capture size (mp.model.pad_batch)
     for each segment, in order:
@@ -28,12 +28,16 @@ import paddle
 from graphopt.errors import ConfigError
 from graphopt.ir.model_program import ModelProgram
 from graphopt.ir.pir_utils import data_ops
-from graphopt.ir.segment_plan import CAPTURED, Segment, SegmentPlan, build_plan
+from graphopt.ir.segment_plan import CAPTURED, Segment, SegmentPlan
 from graphopt.models.base import StepBatch, resolve_meta_field
 from graphopt.runtime.capture import BACKENDS, CaptureManager, make_backend
 from graphopt.runtime.executor import ProgramRunner
 
 log = logging.getLogger(__name__)
+
+#: why a step executor cannot run a ModelProgram without a plan (the runtime only executes)
+NO_PLAN = ("no segment plan: the runtime executes a plan a pass made; add piecewise-split to "
+           "the pipeline (e.g. pipeline=cudagraph)")
 
 #: runs one segment: (segment, feeds by its feed names) -> its live-out values
 SegmentFn = Callable[[Segment, Mapping[str, np.ndarray]], list[np.ndarray]]
@@ -119,6 +123,55 @@ def run_plan(
     return [env.get_value(k) for k in plan.outputs]
 
 
+class StepInputs:
+    """The feeds of one step of a ModelProgram: the batch's tensors BY VALUE (``arg.<i>``,
+    ``meta.<path>``) and the host prologue's outputs (``hoisted.<k>``), run every step."""
+
+    def __init__(self, mp: ModelProgram) -> None:
+        if mp.program is None:
+            raise ConfigError("no program to run: the step is several SOT graphs")
+        self.mp = mp
+        names = list(data_ops(mp.program))
+        if mp.prologue is not None:
+            names += [n for n in data_ops(mp.prologue.program) if n not in names]
+        hoisted = set(mp.prologue.outputs) if mp.prologue is not None else set()
+        self.names = [n for n in names if n not in hoisted]
+        self._prologue: ProgramRunner | None = None
+
+    def __call__(self, batch: StepBatch) -> dict[str, np.ndarray]:
+        feeds: dict[str, np.ndarray] = {}
+        for name in self.names:
+            head, _, rest = name.partition(".")
+            if head == "arg":
+                feeds[name] = _as_numpy(batch.args[int(rest)])
+            elif head == "meta":
+                feeds[name] = _as_numpy(resolve_meta_field(batch.meta, rest))
+            elif name in self.mp.params:
+                continue  # `const.<k>`: a model buffer, fed from mp.params by the runners
+            else:
+                raise ConfigError(f"program input {name!r} has no source: expected arg.<i>, "
+                                  "meta.<field> or a hoisted.<k> fed by the host prologue")
+        prologue = self.mp.prologue
+        if prologue is not None:
+            if self._prologue is None:
+                self._prologue = ProgramRunner(prologue.program, self.mp.params)
+            outs = self._prologue.run(feeds)
+            feeds.update(zip(prologue.outputs, (np.array(o, copy=True) for o in outs),
+                             strict=True))
+        return feeds
+
+
+class WholeProgramStep:
+    """Runs the unsplit program of a ModelProgram, one executor run per step (no capture)."""
+
+    def __init__(self, mp: ModelProgram) -> None:
+        self.inputs = StepInputs(mp)
+        self.runner = ProgramRunner(mp.program, mp.params)
+
+    def run(self, batch: StepBatch) -> list[np.ndarray]:
+        return self.runner.run(self.inputs(batch))
+
+
 class StepExecutor:
     """Runs one decoder step of a segmented ModelProgram (see the module docstring).
 
@@ -137,53 +190,20 @@ class StepExecutor:
         if backend not in BACKENDS:
             raise ConfigError(f"unknown runtime backend {backend!r}: choose one of "
                               f"{', '.join(BACKENDS)}")
-        if mp.program is None:
-            raise ConfigError("StepExecutor needs a traced program (mp.program is None)")
-        self.mp = mp
-        self.backend_name = backend
         if mp.segments is None:
-            # no piecewise-split in the pipeline: cut with the current blacklist
-            log.info("no segment plan on the ModelProgram: building one (blacklist %s)",
-                     mp.blacklist)
-            mp.segments = build_plan(mp.program, mp.blacklist, mp.host_inputs)
+            raise ConfigError(NO_PLAN)
+        self.mp = mp
+        self.backend_name = str(getattr(backend, "value", backend))
         self.plan: SegmentPlan = mp.segments
+        self.feeds = StepInputs(mp)
         backend_obj = make_backend(backend, mp.params)
         self.capture = (CaptureManager(backend_obj, list(capture_sizes), num_warmups)
                         if backend_obj is not None else None)
         self._eager_runners: dict[int, ProgramRunner] = {}
-        self._whole: ProgramRunner | None = None
-        self._prologue: ProgramRunner | None = None
+        self._whole: WholeProgramStep | None = None
         self.steps = 0
         self.eager_segment_runs = 0
         self.branches_taken: dict[str, int] = {"true": 0, "false": 0}
-        names = list(data_ops(mp.program))
-        if mp.prologue is not None:
-            names += [n for n in data_ops(mp.prologue.program) if n not in names]
-        hoisted = set(mp.prologue.outputs) if mp.prologue is not None else set()
-        self._feed_names = [n for n in names if n not in hoisted]
-
-    # -- feeds ---------------------------------------------------------------------------------
-    def feeds(self, batch: StepBatch) -> dict[str, np.ndarray]:
-        """The step's feeds, copied by value from the batch, plus the host prologue's outputs."""
-        feeds: dict[str, np.ndarray] = {}
-        for name in self._feed_names:
-            head, _, rest = name.partition(".")
-            if head == "arg":
-                feeds[name] = _as_numpy(batch.args[int(rest)])
-            elif head == "meta":
-                feeds[name] = _as_numpy(resolve_meta_field(batch.meta, rest))
-            elif name in self.mp.params:
-                continue  # `const.<k>`: a model buffer, fed from mp.params by the runners
-            else:
-                raise ConfigError(f"program input {name!r} has no source: expected arg.<i>, "
-                                  "meta.<field> or a hoisted.<k> fed by the host prologue")
-        if self.mp.prologue is not None:
-            if self._prologue is None:
-                self._prologue = ProgramRunner(self.mp.prologue.program, self.mp.params)
-            outs = self._prologue.run(feeds)
-            feeds.update(zip(self.mp.prologue.outputs, (np.array(o, copy=True) for o in outs),
-                             strict=True))
-        return feeds
 
     # -- running -------------------------------------------------------------------------------
     def _run_eager(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -231,8 +251,8 @@ class StepExecutor:
     def run_whole(self, batch: StepBatch) -> list[np.ndarray]:
         """Run the unsplit ``mp.program`` with the plain executor (reference for comparisons)."""
         if self._whole is None:
-            self._whole = ProgramRunner(self.mp.program, self.mp.params)
-        return self._whole.run(self.feeds(batch))
+            self._whole = WholeProgramStep(self.mp)
+        return self._whole.run(batch)
 
     def stats(self) -> dict[str, Any]:
         """Counters so far: graphs captured, replays, warm-ups, eager fallbacks (+ reasons),

@@ -9,23 +9,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from graphopt.models.base import ModelBundle
+from graphopt.models.base import ModelBundle, file_provenance
 from graphopt.models.deepseek_v3.batch import slot_model_bundle
-from graphopt.models.deepseek_v3.config import DeepseekV3Config, resolve_config
+from graphopt.models.deepseek_v3.config import (
+    SHIPPED_CONFIG_JSON,
+    DeepseekV3Config,
+    DeepseekV3Node,
+    resolve_config,
+)
 from graphopt.models.deepseek_v3.modeling import DeepseekV3ForCausalLM, DeepseekV3MLAAttention
 from graphopt.models.deepseek_v3.weights import init_random_weights, load_hf_safetensors
 
-__all__ = ["DeepseekV3Config", "DeepseekV3ForCausalLM", "DeepseekV3MLAAttention", "build"]
+__all__ = ["DeepseekV3Config", "DeepseekV3ForCausalLM", "DeepseekV3MLAAttention", "DeepseekV3Node", "build"]
 
 
-def build(cfg: Any) -> ModelBundle:
-    """Build the DeepSeek-V3 bundle described by the Hydra ``model`` node."""
-    config = resolve_config(cfg)
-    seed = cfg.get("seed", 0)
+def build(**node: Any) -> ModelBundle:
+    """Build the DeepSeek-V3 bundle from the ``model`` node's keys (see :class:`DeepseekV3Node`)."""
+    config = resolve_config(node)
     layer = DeepseekV3ForCausalLM(config)
-    if cfg.get("weights"):
-        load_hf_safetensors(layer, cfg.get("weights"))
+    weights = node.get("weights")
+    if weights:
+        load_hf_safetensors(layer, weights)
     else:
-        init_random_weights(layer, seed if seed is not None else 0)
+        init_random_weights(layer, node.get("seed") or 0)
     layer.eval()
-    return slot_model_bundle(cfg.get("name") or "dsv3", layer, config)
+    bundle = slot_model_bundle(node.get("name") or "dsv3", layer, config)
+    bundle.provenance = {
+        "config_json": file_provenance(node.get("config_json") or SHIPPED_CONFIG_JSON),
+        "weights": file_provenance(weights) if weights
+        else {"random": True, "seed": node.get("seed") or 0},
+    }
+    return bundle

@@ -1,10 +1,10 @@
 """Forward meta and batch builders for models with a per-slot latent cache (dsv3, tiny).
 
-One :class:`ForwardMeta` object lives as long as the model (SOT guards on object identity,
-DESIGN §9); every batch refills its fields:
+One :class:`ForwardMeta` object lives as long as the model (SOT guards on object identity);
+every batch refills its fields:
 
 * ``max_len_tensor_cpu``: int32 [3] on ``paddle.CPUPlace()``, updated **in place** (a traced
-  program may hold it by reference, DESIGN §9): ``[0]`` max total length (cached + new) over the
+  program may hold it by reference): ``[0]`` max total length (cached + new) over the
   step's sequences, ``[1]`` max new tokens of a prefill sequence (0 if none), ``[2]`` max total
   length of a decode sequence (0 if none) — FastDeploy's encoder / decoder maxima;
 * ``slot_ids`` (int64 [T]): the cache slot of each token; padding tokens use the scratch slot
@@ -102,7 +102,7 @@ class SlotStepBatch(StepBatch):
             return
         for name, tensor in self._device_fields.items():
             setattr(meta, name, tensor)
-        # In place: a traced program may have bound this tensor by reference (DESIGN §9).
+        # In place: a traced program may have bound this tensor by reference.
         meta.max_len_tensor_cpu.set_value(self.token_fields["max_len"])
         meta.bound_batch = self._serial
 

@@ -1,12 +1,13 @@
 """DeepSeek-V3 model config: a HF-style ``config.json`` plus graphopt's Hydra overrides.
 
-The Hydra node ``conf/model/dsv3.yaml`` holds graphopt's own keys (:data:`GRAPHOPT_KEYS`) and any
-number of HF field overrides under their HF names (``model.hidden_size=512``). The shipped
-``config.json`` next to this file is DeepSeek-V3's real public config; the default Hydra node
-shrinks it to a CPU-sized model by overriding fields.
+The Hydra node ``conf/model/dsv3.yaml`` (typed by :class:`DeepseekV3Node`) holds graphopt's own
+keys and HF field overrides under their HF names (``model.hidden_size=512``). Precedence, lowest
+first: the config.json (``config_json``, or the shipped one: DeepSeek-V3's real public config),
+then ``shipped_overrides`` (a CPU-sized model) only when no ``config_json`` is given, then every
+HF field set explicitly. So a user's own config.json is never overridden by graphopt's defaults.
 
-Every error is a one-line :class:`passes.base.ConfigError` that names the offending field (or
-file), so ``tools/optimize.py`` can show it and exit 2.
+Every error is a one-line :class:`graphopt.errors.ConfigError` that names the offending field
+(or file), so the command line can show it and exit 2.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from graphopt.errors import ConfigError
 SHIPPED_CONFIG_JSON = Path(__file__).with_name("config.json")
 
 #: Keys of the Hydra node that are graphopt's, not HF fields.
-GRAPHOPT_KEYS = ("name", "family", "config_json", "weights", "seed", "max_num_seqs", "max_seq_len")
+GRAPHOPT_KEYS = ("_target_", "name", "family", "config_json", "weights", "seed", "max_num_seqs",
+                 "max_seq_len", "shipped_overrides", "attention_form")
 
 # fmt: off
 #: Every field HF's ``DeepseekV3Config`` (configuration_deepseek.py) and ``PretrainedConfig``
@@ -169,16 +171,60 @@ def write_hf_config(config: DeepseekV3Config | Mapping[str, Any], path: str | Pa
 # -- resolving the Hydra node ---------------------------------------------------------------
 
 
-def _plain(node: Any) -> dict[str, Any]:
-    """A Hydra/OmegaConf node (or a mapping) as a plain dict."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
+@dataclass
+class DeepseekV3Node:
+    """Schema of the ``model`` node of the DeepSeek-V3 family (Hydra checks every value).
 
-        if isinstance(node, DictConfig):
-            return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra-core
-        pass
-    return dict(node or {})
+    HF fields left ``None`` are taken from the config.json; only what the model reads can be
+    overridden from the command line.
+    """
+
+    _target_: str = "graphopt.models.deepseek_v3.build"
+    name: str = "dsv3"
+    #: a HF config.json; None = the shipped DeepSeek-V3 config, made CPU-sized by shipped_overrides
+    config_json: str | None = None
+    #: a HF safetensors file or directory; None = random weights from `seed`
+    weights: str | None = None
+    seed: int = 0
+    #: cache slots (+1 scratch slot for padding tokens)
+    max_num_seqs: int = 8
+    #: cache rows per slot
+    max_seq_len: int = 64
+    #: how the MLA attention writes its prefill/decode branches (see modeling.py)
+    attention_form: str = "fastdeploy_2025"
+    #: HF fields applied only to the shipped config.json
+    shipped_overrides: dict[str, Any] = field(default_factory=dict)
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    moe_intermediate_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    n_routed_experts: int | None = None
+    n_shared_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    n_group: int | None = None
+    topk_group: int | None = None
+    routed_scaling_factor: float | None = None
+    norm_topk_prob: bool | None = None
+    scoring_func: str | None = None
+    topk_method: str | None = None
+    first_k_dense_replace: int | None = None
+    moe_layer_freq: int | None = None
+    hidden_act: str | None = None
+    rms_norm_eps: float | None = None
+    rope_theta: float | None = None
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int | None = None
+    initializer_range: float | None = None
+    tie_word_embeddings: bool | None = None
+    num_nextn_predict_layers: int | None = None
 
 
 def _unknown_field(key: str, known: set[str] | frozenset[str]) -> ConfigError:
@@ -187,22 +233,30 @@ def _unknown_field(key: str, known: set[str] | frozenset[str]) -> ConfigError:
     return ConfigError(f"model.{key}: not a DeepSeek-V3 HF config field nor a graphopt key{hint}")
 
 
-def resolve_config(node: Any) -> DeepseekV3Config:
-    """Config for the Hydra ``model`` node: config.json (shipped or given) + HF overrides."""
-    node = _plain(node)
-    source = node.get("config_json") or SHIPPED_CONFIG_JSON
-    hf = read_hf_config(source)
-    known = KNOWN_HF_FIELDS | set(hf)
-    for key, value in node.items():
-        if key in GRAPHOPT_KEYS:
+def _apply(hf: dict[str, Any], overrides: Mapping[str, Any], known: set[str], where: str) -> None:
+    for key, value in overrides.items():
+        if value is None:
             continue
         if key not in known:
-            raise _unknown_field(key, known | set(GRAPHOPT_KEYS))
+            raise _unknown_field(f"{where}{key}", known)
         if isinstance(value, dict) and isinstance(hf.get(key), dict):
             # model.rope_scaling.factor=4 changes one key of the dict, not the whole dict.
             hf[key] = {**hf[key], **value}
         else:
             hf[key] = value
+
+
+def resolve_config(node: Mapping[str, Any]) -> DeepseekV3Config:
+    """Config for the ``model`` node's keys: config.json (shipped or given), the shipped
+    overrides (shipped config only), then the HF fields set explicitly (see module doc)."""
+    node = dict(node)
+    given = node.get("config_json")
+    source = Path(given) if given else SHIPPED_CONFIG_JSON
+    hf = read_hf_config(source)
+    known = set(KNOWN_HF_FIELDS | set(hf))
+    if not given:
+        _apply(hf, node.get("shipped_overrides") or {}, known, "shipped_overrides.")
+    _apply(hf, {k: v for k, v in node.items() if k not in GRAPHOPT_KEYS}, known, "")
     return config_from_hf(
         hf,
         max_num_seqs=node.get("max_num_seqs", 8),

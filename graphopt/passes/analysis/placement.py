@@ -1,5 +1,5 @@
 """Placement analysis: which values live on the device, which are host constants, and which are
-host values computed from a runtime host input -- and the replay hazards that follow (DESIGN §4).
+host values computed from a runtime host input -- and the replay hazards that follow.
 
 Why it matters: a CUDA graph replays device kernels with new input data, but host work done
 while capturing is *not* redone. A host value computed from a per-step host input
@@ -30,8 +30,16 @@ from typing import Any
 
 import paddle
 
-from graphopt.ir.pir_utils import data_name, parameter_name, source_location
-from graphopt.passes.analysis.liveness import OpPath, ProgramIndex, path_str
+from graphopt.ir.model_program import ModelProgram
+from graphopt.ir.pir_utils import (
+    CONTROL_FLOW_OPS,
+    INTERFACE_OPS,
+    PACKING_OPS,
+    data_name,
+    parameter_name,
+    source_location,
+)
+from graphopt.ir.program_index import OpPath, ProgramIndex, path_str
 
 #: ops that create a constant from attributes alone.
 CONSTANT_OPS = frozenset(
@@ -39,14 +47,6 @@ CONSTANT_OPS = frozenset(
 )
 #: ops that copy host data to the device: their results are device values whatever the input.
 TO_DEVICE_OPS = frozenset({"pd_op.memcpy_h2d"})
-#: ops that are never captured, whatever the blacklist says (Paddle's CudaGraphExtractPass keeps
-#: pd_op.data and builtin.shadow_output out; weights and block terminators are not kernels).
-NEVER_CAPTURED_OPS = frozenset(
-    {"pd_op.data", "builtin.parameter", "builtin.shadow_output", "cf.yield"}
-)
-#: bookkeeping ops that launch nothing: they carry placement through but are not hazards
-#: themselves (the consumer of their result is).
-_NO_KERNEL_OPS = frozenset({"builtin.combine", "builtin.split", "builtin.slice"})
 
 
 class Placement(str, enum.Enum):
@@ -105,6 +105,15 @@ class PlacementResult:
             out[p.value] += 1
         return out
 
+    @property
+    def program(self) -> paddle.pir.Program:
+        """The program this result indexes."""
+        return self.index.program
+
+    def rebind(self, program: paddle.pir.Program) -> PlacementResult:
+        """The same result for a structural copy of its program (keys and paths are equal)."""
+        return PlacementResult(ProgramIndex(program), self.by_key, self.host_inputs, self.sources)
+
     def op_placement(self, path: OpPath) -> list[Placement]:
         """Placements of the results of the op at `path`."""
         return [self.by_key[k] for k in self.index.result_keys(path)]
@@ -119,7 +128,7 @@ def analyze_placement(
 
     `host_inputs` are feed names (``meta.max_len_tensor_cpu``); a bare field name
     (``max_len_tensor_cpu``) also matches ``meta.<field>``, and a ``builtin.parameter`` with
-    that name counts too (SOT binds host tensors reached through the meta as parameters, §9).
+    that name counts too (SOT binds host tensors reached through the meta as parameters).
     """
     index = index or ProgramIndex(program)
     wanted = set(host_inputs) | {f"meta.{h}" for h in host_inputs}
@@ -222,8 +231,8 @@ class Hazard:
 
 
 def is_capturable(op_name: str, blacklist: Iterable[str]) -> bool:
-    """Would a CUDA-graph split capture an op of this name? (blacklist + never-captured ops)"""
-    return op_name not in NEVER_CAPTURED_OPS and op_name not in set(blacklist)
+    """Would a CUDA-graph split capture an op of this name? (blacklist + interface ops)"""
+    return op_name not in INTERFACE_OPS and op_name not in set(blacklist)
 
 
 def find_hazards(
@@ -244,14 +253,25 @@ def find_hazards(
     hazards: list[Hazard] = []
     for path, op in index.ops.items():
         name = op.name()
-        if not is_capturable(name, black) or name in _NO_KERNEL_OPS:
+        if not is_capturable(name, black) or name in PACKING_OPS:
             continue
         for key in index.result_keys(path):
             if placement.by_key.get(key) is Placement.HOST_RUNTIME:
                 src = ", ".join(placement.sources.get(key, ())) or "a host input"
                 hazards.append(
-                    Hazard(name, path, source_location(op, roots=("models", "tests")),
-                           f"{key} (host value derived from {src})")
+                    Hazard(name, path, source_location(op), f"{key} (host value derived from {src})")
                 )
                 break
     return hazards
+
+
+def placement_of(mp: ModelProgram) -> PlacementResult:
+    """The placement of `mp`'s program, computed once per program version."""
+    return mp.cached("placement", lambda: analyze_placement(mp.program, mp.host_inputs))
+
+
+def hazards_of(mp: ModelProgram) -> list[Hazard]:
+    """The replay hazards of `mp`'s program under its blacklist (control flow always counts as
+    blacklisted: a CUDA graph cannot capture it)."""
+    blacklist = sorted(set(mp.blacklist) | CONTROL_FLOW_OPS)
+    return find_hazards(mp.program, mp.host_inputs, blacklist, placement_of(mp))

@@ -1,0 +1,166 @@
+"""Typed configuration: the schema of every config node, in Hydra's ConfigStore.
+
+``conf/config.yaml`` extends :class:`GraphoptConfig`; each model family's yaml extends its
+family's node schema (``conf/model/dsv3.yaml`` -> ``dsv3_schema``). OmegaConf checks types when
+a config is composed; :func:`validate` then checks what types cannot say (ranges, the pipeline's
+passes and options, the model's builder, the backend on this Paddle build), so every bad value
+fails before any model is built, as one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import paddle
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from graphopt.errors import ConfigError
+from graphopt.models import check_builder
+from graphopt.models.deepseek_v3.config import DeepseekV3Node
+from graphopt.models.tiny import TinyNode
+from graphopt.passes.manager import PassManager
+
+
+class Backend(str, enum.Enum):
+    """How captured segments run: the CPU replay emulator, CUDA graphs, or uncaptured."""
+
+    emulator = "emulator"
+    cuda = "cuda"
+    none = "none"
+
+
+@dataclass
+class RuntimeConfig:
+    """``runtime``: how optimized steps run (capture backend and sizes)."""
+
+    backend: Backend = Backend.emulator
+    device: str = "cpu"
+    #: batch token counts that get a captured graph; a batch is padded up to the next size
+    cudagraph_capture_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    cudagraph_num_of_warmups: int = 1
+
+    def __post_init__(self) -> None:
+        sizes = list(self.cudagraph_capture_sizes)
+        if not sizes:
+            raise ValueError("runtime.cudagraph_capture_sizes is empty: give at least one size, "
+                             "e.g. [1,2,4,8]")
+        if min(sizes) < 1:
+            raise ValueError(f"runtime.cudagraph_capture_sizes={sizes}: sizes must be >= 1")
+        if sizes != sorted(set(sizes)):
+            raise ValueError(f"runtime.cudagraph_capture_sizes={sizes}: sizes must be strictly "
+                             f"increasing, e.g. {sorted(set(sizes))}")
+        if self.cudagraph_num_of_warmups < 0:
+            raise ValueError("runtime.cudagraph_num_of_warmups must be >= 0, got "
+                             f"{self.cudagraph_num_of_warmups}")
+
+
+@dataclass
+class VerifyConfig:
+    """``verify``: how the optimized step is checked against the eager model."""
+
+    #: random prefill/decode/mixed steps replayed after optimizing
+    steps: int = 20
+    seed: int = 0
+    #: max abs error allowed against eager (fp32), same batch shape
+    atol: float = 1e-5
+    #: replayed steps are padded to a capture size, which changes fp32 summation order
+    replay_atol: float = 1e-4
+    #: exit 1 when the optimized step differs from eager
+    fail_on_mismatch: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"verify.steps must be >= 0, got {self.steps}")
+        for key in ("atol", "replay_atol"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"verify.{key} must be > 0, got {getattr(self, key)}")
+
+
+@dataclass
+class PipelineConfig:
+    """``pipeline``: an ordered list of pass names and their options, keyed by pass name."""
+
+    name: str = "custom"
+    passes: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GraphoptConfig:
+    """The top-level config of one optimize run."""
+
+    model: Any = MISSING
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    #: true: the whole step must be one CUDA graph; false: capture piecewise around control flow
+    full_cuda_graph: bool = False
+    #: write ir/NNN_<pass>.txt after each pass
+    dump_ir: bool = False
+    #: a pass that changed nothing writes only its header
+    dump_ir_only_on_change: bool = True
+    #: structural check of the program after every pass
+    verify_each: bool = True
+    #: print every registered pass with its options, then exit
+    list_passes: bool = False
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore (idempotent; before any compose)."""
+    cs = ConfigStore.instance()
+    cs.store(name="graphopt_schema", node=GraphoptConfig)
+    cs.store(group="model", name="dsv3_schema", node=DeepseekV3Node)
+    cs.store(group="model", name="tiny_schema", node=TinyNode)
+
+
+#: ConfigStore entries that are schemas, not choices (kept out of "choose one of" lists)
+SCHEMA_SUFFIX = "_schema"
+
+
+def typed(cfg: DictConfig) -> GraphoptConfig:
+    """The config as dataclasses, running every ``__post_init__`` range check (one line)."""
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        msg = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
+        raise ConfigError(f"{e.full_key}: {msg}" if e.full_key else msg) from None
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def _unknown_keys(node: DictConfig, prefix: str = "") -> None:
+    """``+key=value`` adds keys even to typed nodes; a key its schema lacks is a typo."""
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        valid = [f.name for f in dataclasses.fields(schema)]
+        for key in node:
+            if key not in valid:
+                close = difflib.get_close_matches(str(key), valid, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"{prefix}{key}: not a key of {schema.__name__}.{hint} "
+                                  f"Valid keys: {', '.join(k for k in valid if k != '_target_')}")
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _unknown_keys(child, f"{prefix}{key}.")
+
+
+def validate(cfg: DictConfig) -> PassManager:
+    """Check everything that can be checked without building the model; return the pipeline.
+
+    Raises a one-line :class:`ConfigError` naming the key at fault.
+    """
+    _unknown_keys(cfg)
+    typed(cfg)
+    check_builder(cfg.model)
+    if cfg.runtime.backend == Backend.cuda.value and not paddle.is_compiled_with_cuda():
+        raise ConfigError("runtime.backend=cuda needs a CUDA build of Paddle (paddlepaddle-gpu "
+                          "3.3); this Paddle is CPU-only: use runtime=cpu (the replay emulator)")
+    return PassManager.from_config(list(cfg.pipeline.passes), cfg.pipeline.options,
+                                   verify_each=cfg.verify_each)

@@ -1,0 +1,216 @@
+"""``report.json``: its declared schema, how it is filled, and the run's other artifacts.
+
+Every key of ``report.json`` is a field of :class:`Report`. The driver fills it from typed
+sources only: the ModelProgram's fields, the pass records, the analyses (hazards) and the
+verification results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from paddle.base import core
+
+from graphopt.ir.model_program import ModelProgram
+from graphopt.ir.pir_utils import CONTROL_FLOW_OPS, program_text, walk_ops
+from graphopt.passes.base import PassRecord
+from graphopt.report.picture import draw_plan
+from graphopt.verification import Numerics, Replay
+
+#: bumped when a key changes meaning or goes away
+SCHEMA_VERSION = 2
+
+
+@dataclass
+class Report:
+    """The keys of report.json (one optimize run)."""
+
+    model: str
+    #: where the model's config and weights came from (path + sha256, or "random, seed")
+    model_provenance: dict[str, Any]
+    full_cuda_graph: bool
+    #: {"name", "passes": [{name, stage, options}]} as actually run
+    pipeline: dict[str, Any]
+    #: one record per pass: name, modified, time_s, stats
+    passes: list[dict[str, Any]]
+    #: the last trace; ``traces[0]`` is the unmodified model's
+    trace: dict[str, Any]
+    traces: list[dict[str, Any]]
+    #: SOT break records before (unmodified model) and after (the last trace)
+    graph_breaks: dict[str, int]
+    #: functions capture-control-flow marked, with file:line and in-memory rewrites
+    marked: list[dict[str, Any]]
+    #: replay hazards before the program passes and after them (None: no single program)
+    hazards: dict[str, Any]
+    #: control-flow ops left in the optimized program, by name
+    control_flow: dict[str, int]
+    blacklist: list[str]
+    flags: dict[str, str]
+    #: the segment plan's counters (None: no plan)
+    segments: dict[str, Any] | None
+    numerics: dict[str, float]
+    numerics_whole_program: dict[str, float]
+    numerics_ran: str
+    replay: dict[str, Any]
+    warnings: list[str]
+    verified: bool
+    verify_message: str
+    artifacts: dict[str, str] = field(default_factory=dict)
+    time_s: float = 0.0
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": self.schema_version,
+                **{k: v for k, v in asdict(self).items() if k != "schema_version"}}
+
+
+def build_report(cfg: Any, pipeline: dict[str, Any], mp: ModelProgram,
+                 records: list[PassRecord], hazards_before: list[dict] | None,
+                 hazards_after: list[dict] | None, numerics: Numerics, replay: Replay,
+                 atol: float) -> Report:
+    """Assemble the report and decide ``verified`` (replay mismatches, then numerics)."""
+    warnings = []
+    if mp.trace.host_bound_by_reference:
+        warnings.append(
+            "SOT bound host tensor(s) " + ", ".join(mp.trace.host_bound_by_reference)
+            + " by reference (builtin.parameter): replacing them between steps is silently not "
+            "seen by Paddle itself; graphopt feeds them by value every step."
+        )
+    control: dict[str, int] = {}
+    if mp.program is not None:
+        for op in walk_ops(mp.program.global_block()):
+            if op.name() in CONTROL_FLOW_OPS:
+                control[op.name()] = control.get(op.name(), 0) + 1
+    first, last = mp.traces[0], mp.traces[-1]
+    report = Report(
+        model=str(cfg.model.name),
+        model_provenance=dict(mp.model.provenance),
+        full_cuda_graph=bool(cfg.full_cuda_graph),
+        pipeline=pipeline,
+        passes=[r.to_dict() for r in records],
+        trace=last.to_dict(),
+        traces=[t.to_dict() for t in mp.traces],
+        graph_breaks={"before": len(first.graph_breaks), "after": len(last.graph_breaks)},
+        marked=[m.to_dict() for m in mp.marked],
+        hazards={
+            "before": None if hazards_before is None else len(hazards_before),
+            "after": None if hazards_after is None else len(hazards_after),
+            "details_before": hazards_before or [],
+            "details_after": hazards_after or [],
+        },
+        control_flow=control,
+        blacklist=list(mp.blacklist),
+        flags=dict(mp.flags),
+        segments=mp.segments.stats() if mp.segments is not None else None,
+        numerics=numerics.optimized,
+        numerics_whole_program=numerics.whole_program,
+        numerics_ran=numerics.ran,
+        replay=replay.to_dict(),
+        warnings=warnings,
+        verified=True,
+        verify_message="ok",
+    )
+    bad = [k for k, v in numerics.optimized.items() if not v <= atol]
+    if replay.mismatches:
+        report.verified = False
+        report.verify_message = (
+            f"{replay.mismatches}/{replay.steps} replayed steps differ from eager "
+            f"(max abs err {replay.max_abs_err:.3g} > {replay.atol:g}); replay hazards left: "
+            f"{report.hazards['after']}"
+        )
+    elif bad:
+        report.verified = False
+        report.verify_message = "optimized step differs from eager on " + ", ".join(
+            f"{k} (max abs err {numerics.optimized[k]:.3g})" for k in bad
+        )
+    return report
+
+
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write via a temp file + rename (mode 0644), so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_artifacts(mp: ModelProgram, cfg: Any, pipeline: dict[str, Any],
+                    run_dir: Path) -> dict[str, str]:
+    """Program text, Paddle's serialized program, prologue, plan + picture, flags, pipeline."""
+    out: dict[str, str] = {}
+    write_atomic(run_dir / "pipeline.yaml", OmegaConf.to_yaml(OmegaConf.create(
+        {"model": str(cfg.model.name), "full_cuda_graph": bool(cfg.full_cuda_graph),
+         **pipeline})))
+    out["pipeline"] = "pipeline.yaml"
+    if mp.program is not None:
+        write_atomic(run_dir / "program.txt", program_text(mp.program) + "\n")
+        out["program_text"] = "program.txt"
+        tmp = run_dir / ".program.json.tmp"
+        core.serialize_pir_program(mp.program, str(tmp), True, True, False)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, run_dir / "program.json")
+        out["program_paddle"] = "program.json"
+    if mp.prologue is not None:
+        write_atomic(run_dir / "prologue.txt", program_text(mp.prologue.program) + "\n")
+        out["prologue_text"] = "prologue.txt"
+    if mp.segments is not None:
+        write_atomic(run_dir / "segments.json", mp.segments.dumps())
+        out["segments"] = "segments.json"
+        for suffix in ("svg", "png"):
+            tmp = run_dir / f".segments.tmp.{suffix}"
+            draw_plan(mp.segments, tmp)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, run_dir / f"segments.{suffix}")
+        out["segments_picture"] = "segments.svg"
+        out["segments_picture_png"] = "segments.png"
+    if mp.flags:
+        write_atomic(run_dir / "flags.env",
+                     "".join(f"export {k}={v}\n" for k, v in sorted(mp.flags.items())))
+        out["flags"] = "flags.env"
+    return out
+
+
+def write_report(report: Report, run_dir: Path) -> None:
+    """report.json, atomically."""
+    write_atomic(run_dir / "report.json", json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+
+
+def summary(r: Report) -> str:
+    """A few lines for the terminal: breaks, hazards, blacklist, segments, numerics, replay."""
+    first, last = r.traces[0], r.traces[-1]
+    hz = r.hazards
+    lines = [
+        f"graph breaks: {r.graph_breaks['before']} -> {r.graph_breaks['after']} "
+        f"(SOT graphs {first['subgraphs']} -> {last['subgraphs']}, graph runs per step "
+        f"{first['graph_runs']} -> {last['graph_runs']}; {last['ops']} ops)",
+        (f"replay hazards: {hz['before']} -> {hz['after']}" if hz["before"] is not None else
+         f"replay hazards: n/a (the step is {r.trace['subgraphs']} SOT graphs, not one program)"),
+        f"blacklist: {','.join(r.blacklist) or '(empty)'}",
+    ]
+    seg = r.segments
+    if seg:
+        lines.append(f"segments: {seg['captured']} captured, {seg['eager']} eager, "
+                     f"capture coverage {seg['coverage']:.4f}")
+    num = ", ".join(f"{k} {v:.1e}" for k, v in r.numerics.items())
+    lines.append(f"numerics vs eager (max abs err, {r.numerics_ran}): {num}")
+    rp = r.replay
+    if rp.get("steps"):
+        lines.append(f"replay {rp['backend']}: {rp['steps']} steps, {rp['mismatches']} mismatches"
+                     f" (max abs err {rp.get('max_abs_err', 0):.1e})")
+    elif rp.get("skipped"):
+        lines.append(f"replay: skipped ({rp['skipped']})")
+    lines.extend(f"warning: {w}" for w in r.warnings)
+    lines.append("verified" if r.verified else "VERIFY FAILED: " + r.verify_message)
+    return "\n".join(lines)
