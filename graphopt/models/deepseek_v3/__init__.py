@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from graphopt.models.base import ModelBundle, file_provenance
-from graphopt.models.deepseek_v3.batch import slot_model_bundle
 from graphopt.models.deepseek_v3.config import (
     SHIPPED_CONFIG_JSON,
     DeepseekV3Config,
@@ -19,6 +18,7 @@ from graphopt.models.deepseek_v3.config import (
 )
 from graphopt.models.deepseek_v3.modeling import DeepseekV3ForCausalLM, DeepseekV3MLAAttention
 from graphopt.models.deepseek_v3.weights import init_random_weights, load_hf_safetensors
+from graphopt.models.slots import slot_model_bundle
 
 __all__ = ["DeepseekV3Config", "DeepseekV3ForCausalLM", "DeepseekV3MLAAttention", "DeepseekV3Node", "build"]
 

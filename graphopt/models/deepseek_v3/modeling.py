@@ -23,8 +23,8 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from graphopt.models.deepseek_v3.batch import step_attention_inputs, write_cache
 from graphopt.models.deepseek_v3.config import DeepseekV3Config, yarn_get_mscale
+from graphopt.models.slots import step_attention_inputs, write_cache
 
 
 def _linear(in_features: int, out_features: int) -> nn.Linear:
