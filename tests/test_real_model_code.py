@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import paddle
 import pytest
 from omegaconf import OmegaConf
 
 from graphopt.driver import optimize
 from graphopt.errors import PassError
+from graphopt.ir.model_program import ModelProgram
+from graphopt.ir.pir_utils import program_text
+from graphopt.passes.manager import PassManager
 from tests import fastdeploy_models as fm
 from tests.conftest import compose_cfg
+from tests.filecheck import filecheck
 
 MODEL_FILE = fm.__file__
 
@@ -80,3 +85,27 @@ def test_a_shape_graphopt_cannot_handle_is_one_line_and_patches_nothing(tmp_path
     assert paddle.nn.Layer.__call__ is layer_call
     assert fm.MLAUnsupported.forward is original
     assert not (tmp_path / "report.json").exists()
+
+
+def test_golden_text_of_the_rewritten_branch():
+    """fd2025, one layer: `fmha_out = None` became zeros shaped at run time, yielded by the
+    prefill if's else-branch; the decode if then adds into it."""
+    bundle = fm.build(form="fd2025", num_layers=1)
+    mp = ModelProgram(model=bundle)
+    mp.trace_batch = bundle.random_batch(np.random.default_rng(0), "mixed")
+    try:
+        PassManager.from_config(["capture-control-flow"], {}).run(mp)
+    finally:
+        bundle.restore_patches(0)
+    filecheck(program_text(mp.program), """
+        CHECK: "pd_op.shape64"
+        CHECK: ([[Z:%[0-9]+]]) = "pd_op.full_with_tensor" ({{.*}}) {dtype:float32
+        CHECK: ([[P:%[0-9]+]]) = "pd_op.if" ({{.*}}) {{.*}} -> tensor<-1x16xf32> {
+        CHECK: "pd_op.softmax"
+        CHECK: } else {
+        CHECK-NEXT: "cf.yield" ([[Z]])
+        CHECK: "pd_op.if"
+        CHECK: "pd_op.add" ([[P]],
+        CHECK-NOT: "pd_op.if"
+        CHECK: "builtin.shadow_output"
+    """)
