@@ -277,6 +277,8 @@ def test_plan_json(seed):
     plan = build_plan(seed.program, IF, seed.host_inputs)
     data = json.loads(plan.dumps())
     assert data == plan.to_dict()
+    # every segment names the user line that built it, whatever folder that is in
+    assert all(s.location and s.location.startswith("tests/programs.py:") for s in plan.walk())
     assert [s["kind"] for s in data["segments"]] == [CAPTURED, EAGER, CAPTURED, EAGER, CAPTURED]
     first_if = data["segments"][1]
     assert first_if["ops"] == ["pd_op.if"] and first_if["cond"] == "pd_op.cast@10#0"
