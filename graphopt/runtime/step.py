@@ -272,6 +272,7 @@ class StepExecutor:
         if self.capture is not None:
             out.update(self.capture.stats.to_dict())
             out["capture_sizes"] = list(self.capture.sizes)
+            out["static_input_bytes"] = self.capture.static_input_bytes()
         else:
             out.update({"graphs_captured": 0, "replays": 0, "warmup_runs": 0,
                         "eager_fallbacks": 0})
