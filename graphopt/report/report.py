@@ -61,6 +61,8 @@ class Report:
     warnings: list[str]
     verified: bool
     verify_message: str
+    #: with variants: the variant (or "general") each numerics batch kind was dispatched to
+    numerics_dispatched: dict[str, str] = field(default_factory=dict)
     #: specialize-branches' variants (None: not specialised): name, label, conditions, kinds,
     #: ops, segments, captured_graphs, dispatch counts per size, dropped graphs
     variants: list[dict[str, Any]] | None = None
@@ -128,6 +130,7 @@ def build_report(cfg: Any, pipeline: dict[str, Any], mp: ModelProgram,
     report.capture_plan = capture_plan(mp, sizes, replay)
     if mp.specialization is not None:
         report.specialization = mp.specialization.to_dict()
+        report.numerics_dispatched = dict(numerics.dispatched)
         report.variants = variant_entries(mp, replay)
     bad = [k for k, v in numerics.optimized.items() if not v <= atol]
     if replay.mismatches:

@@ -124,8 +124,9 @@ class VariantStepExecutor:
         self.fallback_reasons: Counter[str] = Counter()
         #: the target the latest step ran
         self.last_target: str | None = None
-        #: combinations seen at run time that no variant serves, run by the general program
-        self.unserved: Counter[str] = Counter()
+        #: combinations the specialisation never saw, met at run time and run by the general
+        #: program (the hybrid)
+        self.unseen: Counter[str] = Counter()
 
     # -- dispatch -----------------------------------------------------------------------------
     def select(self, feeds: Mapping[str, np.ndarray], batch: StepBatch | None = None) -> _Target:
@@ -139,7 +140,8 @@ class VariantStepExecutor:
             return self.targets[hits[0].name]
         combo = combination_name(values)
         if not hits and self.general is not None:
-            self.unserved[combo] += 1
+            if values not in self.spec.feasible:
+                self.unseen[combo] += 1
             return self.general
         what = (f"a {batch.kind} step of {batch.num_tokens} tokens" if batch is not None
                 else "a step")
@@ -246,7 +248,7 @@ class VariantStepExecutor:
             "dispatch": [{"target": name, "size": size, "steps": n}
                          for (name, size), n in sorted(self.dispatch.items(),
                                                        key=lambda kv: (kv[0][0], kv[0][1] or 0))],
-            "unserved_combinations": dict(self.unserved),
+            "unseen_combinations": dict(self.unseen),
             "targets": per_target,
             "static_input_bytes": dict(sorted(static_bytes.items())),
         }
