@@ -15,6 +15,12 @@ After: ``mp.segments`` =
 ``[captured #0 (4 ops), eager #1 pd_op.if {true: [captured #2 (2 ops)], false: []},
 captured #3 (2 ops)]``, each captured segment a standalone program. The program itself is not
 changed.
+
+After specialize-branches, every variant gets a plan of its own too (``variant.segments``). A
+variant has no control flow, so unless something in it is blacklisted its plan is one captured
+segment: one full graph per capture size. The main program is still planned, with its control
+flow cut out even under ``full_cuda_graph=true``. It serves the combinations no variant serves
+(the hybrid), and it is the piecewise baseline the report compares with.
 """
 
 from __future__ import annotations
