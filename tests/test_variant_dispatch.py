@@ -13,13 +13,16 @@ import logging
 import numpy as np
 import paddle
 import pytest
+from hydra.errors import ConfigCompositionException
 
+from graphopt.config import validate
 from graphopt.errors import ConfigError, DispatchError
 from graphopt.passes.manager import PassManager
 from graphopt.runtime.capture import EmulatorBackend, make_backend
 from graphopt.runtime.step import StepExecutor
 from graphopt.runtime.variants import GENERAL, NO_VARIANTS, VariantStepExecutor
 from tests import programs as P
+from tests.conftest import compose_cfg
 
 SIZES = [1, 2, 4, 8]
 PIPELINE = ["hoist-host-branch-conditions", "specialize-branches",
@@ -211,3 +214,13 @@ def test_checked_captures_in_the_piecewise_runner():
     st = ex.stats()
     assert [d["size"] for d in st["dropped_graphs"]] == [8] * len(st["dropped_graphs"])
     assert len(st["dropped_graphs"]) == st["checked_graphs"] == len(mp.segments.captured)
+
+
+def test_check_captures_is_a_typed_runtime_key():
+    cfg = compose_cfg("model=tiny", "runtime.check_captures=true")
+    validate(cfg)
+    assert cfg.runtime.check_captures is True and cfg.runtime.check_captures_atol == 1e-4
+    with pytest.raises(ConfigError, match="check_captures_atol must be >= 0"):
+        validate(compose_cfg("model=tiny", "runtime.check_captures_atol=-1"))
+    with pytest.raises(ConfigCompositionException, match=r"runtime\.check_captures=maybe"):
+        compose_cfg("model=tiny", "runtime.check_captures=maybe")

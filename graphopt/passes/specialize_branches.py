@@ -81,7 +81,7 @@ from graphopt.models.base import BATCH_KINDS
 from graphopt.passes.base import PRESERVES_PROGRAM, Pass, PassResult, Stage
 from graphopt.passes.paddle_native import check_pass_name
 from graphopt.passes.registry import register_pass
-from graphopt.passes.verify import register_property_check
+from graphopt.passes.verify import check_program, register_property_check
 
 #: above this many conditions the combinations are not listed one by one (2^n of them)
 MAX_LISTED_CONDITIONS = 10
@@ -416,8 +416,8 @@ def control_flow_left(program: paddle.pir.Program) -> list[str]:
 
 @register_property_check("specialized")
 def _check_specialized(mp: ModelProgram) -> str | None:
-    """Every variant is if-free, and each feasible combination is served by exactly one variant
-    (or, when left to the general program, by none)."""
+    """Every variant is a sound, if-free program, and each feasible combination is served by
+    exactly one variant (or, when left to the general program, by none)."""
     spec = mp.specialization
     if spec is None:
         return "variants without a specialization record" if mp.variants else None
@@ -425,6 +425,9 @@ def _check_specialized(mp: ModelProgram) -> str | None:
         left = control_flow_left(v.program)
         if left:
             return f"variant {v.name} still has control flow: {', '.join(sorted(set(left)))}"
+        problems = check_program(v.program)
+        if problems:
+            return f"variant {v.name} is broken: {problems[0]}"
     for combo in spec.feasible:
         hits = [v.name for v in mp.variants if v.matches(combo)]
         want = 0 if combo in spec.general else 1
