@@ -356,3 +356,25 @@ def _fail_on_second_call():
         return real(*args, **kwargs)
 
     return fake
+
+
+def test_hybrid_variant_that_ignores_a_condition_takes_its_combinations(monkeypatch):
+    """Nested program, hybrid on decode: the decode variant never reads the inner condition
+    (its parent is folded away), so it serves outer-false with either inner value; a combination
+    of that shape is not left to the general program."""
+    monkeypatch.setattr(paddle, "set_flags", lambda flags: None)
+    mp = P.model_program(P.build_nested_program(), blacklist=[])
+    flags = {"prefill": (1, 0), "decode": (0, 1), "mixed": (0, 0)}  # a model whose "mixed"
+
+    def random_batch(rng, kind):  # steps have neither flag set
+        t = int(rng.integers(1, 9))
+        return P.make_batch(t, [t, flags[kind][0] * t, flags[kind][1] * t], rng)
+
+    mp.model.random_batch = random_batch
+    PassManager.from_config([PASS], {PASS: {"variant_kinds": ["decode"]}}).run(mp)
+    (variant,) = mp.variants
+    assert variant.name == "hoisted.0=0" and variant.kinds == ["decode", "mixed"]
+    assert variant.combinations == [{"hoisted.0": False, "hoisted.1": True},
+                                    {"hoisted.0": False, "hoisted.1": False}]
+    assert mp.specialization.general == [{"hoisted.0": True, "hoisted.1": False}]
+    assert _check_specialized(mp) is None

@@ -160,20 +160,7 @@ class SpecializeBranches(Pass):
             )
         n = len(conditions)
         names = [c.name for c in conditions]
-        enumerated = (list(itertools.product((True, False), repeat=n))
-                      if n <= MAX_LISTED_CONDITIONS else None)
-        if opts.feasibility is Feasibility.all:
-            if enumerated is None or len(enumerated) > opts.max_variants:
-                raise ConfigError(
-                    f"feasibility=all: {n} conditions give {2 ** n} combinations, more than "
-                    f"max_variants={opts.max_variants}; use feasibility=sampled")
-            seen = {combo: set() for combo in enumerated}
-            rule = "all: every combination of condition values is built"
-        else:
-            seen = sample_combinations(mp, conditions, opts.samples_per_kind, opts.seed)
-            rule = (f"sampled: a combination can occur iff the host prologue yields it for one of "
-                    f"{opts.samples_per_kind} random batches of each kind "
-                    f"({', '.join(BATCH_KINDS)}); a step with any other combination is refused")
+        enumerated, seen, rule = self._feasibility(mp, conditions)
         order = enumerated if enumerated is not None else sorted(seen, reverse=True)
         feasible = [c for c in order if c in seen]
         unreachable = [c for c in (enumerated or []) if c not in seen]
@@ -201,12 +188,23 @@ class SpecializeBranches(Pass):
             variant.combinations.append(values)
             variant.kinds = [k for k in BATCH_KINDS if k in set(variant.kinds) | seen[combo]]
 
+        # A variant that did not read some condition serves every value of it: a combination
+        # left to the general program that such a variant matches is that variant's too.
+        left: list[dict[str, bool]] = []
+        for combo in general:
+            values = dict(zip(names, combo, strict=True))
+            match = next((v for v in variants.values() if v.matches(values)), None)
+            if match is None:
+                left.append(values)
+            else:
+                match.combinations.append(values)
+                match.kinds = [k for k in BATCH_KINDS if k in set(match.kinds) | seen[combo]]
         mp.variants = list(variants.values())
         mp.specialization = Specialization(
             conditions=conditions,
             feasible=[dict(zip(names, c, strict=True)) for c in feasible],
             unreachable=[dict(zip(names, c, strict=True)) for c in unreachable],
-            general=[dict(zip(names, c, strict=True)) for c in general],
+            general=left,
             rule=rule,
         )
         return PassResult(True, {
@@ -225,6 +223,28 @@ class SpecializeBranches(Pass):
             ],
             "rule": rule,
         })
+
+
+    def _feasibility(self, mp: ModelProgram, conditions: list[BranchCondition]
+                     ) -> tuple[list[tuple[bool, ...]] | None, dict[tuple[bool, ...], set[str]], str]:
+        """Every combination (None when too many to list), the feasible ones with the batch
+        kinds each was seen with, and the rule used, in words."""
+        opts = self.options
+        n = len(conditions)
+        enumerated = (list(itertools.product((True, False), repeat=n))
+                      if n <= MAX_LISTED_CONDITIONS else None)
+        if opts.feasibility is Feasibility.all:
+            if enumerated is None or len(enumerated) > opts.max_variants:
+                raise ConfigError(
+                    f"feasibility=all: {n} conditions give {2 ** n} combinations, more than "
+                    f"max_variants={opts.max_variants}; use feasibility=sampled")
+            return enumerated, {c: set() for c in enumerated}, (
+                "all: every combination of condition values is built")
+        seen = sample_combinations(mp, conditions, opts.samples_per_kind, opts.seed)
+        return enumerated, seen, (
+            f"sampled: a combination can occur iff the host prologue yields it for one of "
+            f"{opts.samples_per_kind} random batches of each kind ({', '.join(BATCH_KINDS)}); "
+            "a step with any other combination is refused")
 
 
 # -- conditions -------------------------------------------------------------------------------
