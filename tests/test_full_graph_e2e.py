@@ -89,11 +89,3 @@ def test_full_graph_on_default_dsv3(tmp_path):
     assert report["replay"]["steps"] >= 20 and report["replay"]["mismatches"] == 0
     assert "variants: 3 if-free" in stdout and "graphs to capture: 21" in stdout
 
-
-@pytest.mark.slow
-def test_full_graph_on_dsv3_61_layers(tmp_path):
-    report, _ = _report(tmp_path, "model=dsv3", "model.num_hidden_layers=61",
-                        "pipeline=full_graph", "full_cuda_graph=true")
-    assert report["verified"] is True
-    _check_variants(report, tmp_path, layers=61)
-    assert report["replay"]["mismatches"] == 0 and report["replay"]["max_abs_err"] <= 1e-4
