@@ -4,9 +4,11 @@ Two checks, both on random steps whose host values change from step to step (a c
 compares one step per trace cannot see a program that reads stale host values):
 
 * numerics: one prefill, one decode and one mixed step, optimized (uncaptured) vs eager, on the
-  same cache state; with a segment plan, the unsplit program is compared too;
+  same cache state; with a segment plan or variants, the unsplit program is compared too (with
+  variants, each kind runs the variant its conditions pick);
 * replay: ``verify.steps`` random steps through the capture backend (the CPU replay emulator or
-  CUDA graphs): capture once per (segment, size), replay after, every output compared.
+  CUDA graphs): capture once per (segment or variant, size), replay after, every output
+  compared.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import paddle
 from graphopt.ir.model_program import ModelProgram
 from graphopt.models.base import BATCH_KINDS
 from graphopt.runtime.step import StepExecutor, WholeProgramStep
+from graphopt.runtime.variants import VariantStepExecutor
 
 
 def max_abs_err(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -40,8 +43,10 @@ class Numerics:
 
     optimized: dict[str, float] = field(default_factory=dict)
     whole_program: dict[str, float] = field(default_factory=dict)
-    #: what ran as "optimized": segments | whole program | SOT's own graphs
+    #: what ran as "optimized": variants | segments | whole program | SOT's own graphs
     ran: str = ""
+    #: with variants: the variant (or general program) each batch kind was dispatched to
+    dispatched: dict[str, str] = field(default_factory=dict)
 
 
 def check_numerics(mp: ModelProgram, rng: np.random.Generator) -> Numerics:
@@ -49,7 +54,10 @@ def check_numerics(mp: ModelProgram, rng: np.random.Generator) -> Numerics:
     bundle = mp.model
     out = Numerics()
     step = None
-    if mp.segments is not None:
+    if mp.variants:
+        step = VariantStepExecutor(mp, backend="none", capture_sizes=[1], num_warmups=0)
+        out.ran = "variants (uncaptured)"
+    elif mp.segments is not None:
         step = StepExecutor(mp, backend="none", capture_sizes=[1], num_warmups=0)
         out.ran = "segments (uncaptured)"
     elif mp.program is not None:
@@ -65,8 +73,10 @@ def check_numerics(mp: ModelProgram, rng: np.random.Generator) -> Numerics:
                 got = [o.numpy() for o in _flat(mp.sot_step(*batch.args, batch.meta))]
         else:
             got = step.run(batch)
-            if isinstance(step, StepExecutor):
+            if isinstance(step, (StepExecutor, VariantStepExecutor)):
                 out.whole_program[kind] = max_abs_err(step.run_whole(batch), eager)
+            if isinstance(step, VariantStepExecutor):
+                out.dispatched[kind] = step.last_target
         out.optimized[kind] = max_abs_err(got, eager)
         bundle.commit_state(eager[1:])
     return out
@@ -96,18 +106,25 @@ class Replay:
 
 
 def check_replay(mp: ModelProgram, rng: np.random.Generator, *, backend: str, steps: int,
-                 capture_sizes: list[int], num_warmups: int, atol: float) -> Replay:
-    """`steps` random steps of mixed kinds through the capture backend, each vs eager."""
+                 capture_sizes: list[int], num_warmups: int, atol: float,
+                 check_captures: bool = False, check_atol: float = 1e-4) -> Replay:
+    """`steps` random steps of mixed kinds through the capture backend, each vs eager.
+
+    With variants, each step is dispatched to its variant (one graph per (variant, size));
+    with `check_captures`, each new graph is checked against an uncaptured run first.
+    """
     out = Replay(backend=backend, atol=atol)
-    if mp.segments is None:
+    if mp.segments is None or any(v.segments is None for v in mp.variants):
         out.skipped = ("the step is several SOT graphs: nothing to capture" if mp.program is None
                        else "no segment plan: piecewise-split is not in the pipeline")
         return out
     if backend == "none" or not steps:
         out.skipped = "runtime.backend=none" if backend == "none" else "verify.steps=0"
         return out
-    executor = StepExecutor(mp, backend=backend, capture_sizes=capture_sizes,
-                            num_warmups=num_warmups)
+    runner = VariantStepExecutor if mp.variants else StepExecutor
+    executor = runner(mp, backend=backend, capture_sizes=capture_sizes,
+                      num_warmups=num_warmups, check_captures=check_captures,
+                      check_atol=check_atol)
     kinds = [BATCH_KINDS[i % len(BATCH_KINDS)] for i in range(steps)]
     rng.shuffle(kinds)
     errs = []
