@@ -109,3 +109,19 @@ def test_golden_text_of_the_rewritten_branch():
         CHECK-NOT: "pd_op.if"
         CHECK: "builtin.shadow_output"
     """)
+
+
+@pytest.mark.parametrize("form", ["fd2025", "fd2026", "seed"])
+def test_fastdeploy_shapes_as_full_graphs(form, tmp_path):
+    """The same shapes specialized into if-free variants: one full graph per batch kind, 30
+    random replayed steps of mixed kinds with no mismatch."""
+    cfg = _cfg(form)
+    cfg.pipeline = compose_cfg("pipeline=full_graph").pipeline
+    cfg.full_cuda_graph = True
+    cfg.verify.steps = 30
+    report = optimize(cfg, run_dir=tmp_path)
+    assert sorted(sorted(v["kinds"]) for v in report["variants"]) == [
+        ["decode"], ["mixed"], ["prefill"]]
+    assert all(v["segments"]["eager"] == 0 for v in report["variants"])  # one graph each
+    assert report["replay"]["steps"] == 30 and report["replay"]["mismatches"] == 0
+    assert report["verified"] is True

@@ -148,8 +148,8 @@ class SpecializeBranches(Pass):
         opts = self.options
         conditions, undecided = find_host_conditions(mp)
         if not conditions:
-            why = ("no host prologue (run hoist-host-branch-conditions first)"
-                   if mp.prologue is None else "no if reads a condition the prologue computes")
+            why = "no if reads a condition the host computes before launch (a hoisted value " \
+                  "or a host input)"
             return PassResult(False, {"conditions": 0, "variants": 0, "reason": why})
         if undecided:
             where = "; ".join(undecided[:3])
@@ -256,30 +256,39 @@ def find_host_conditions(mp: ModelProgram) -> tuple[list[BranchCondition], list[
     named after its first feed in prologue order and labelled with the model's source text.
     """
     hoisted = list(mp.prologue.outputs) if mp.prologue is not None else []
-    hoisted_set = set(hoisted)
+    # A host input the runtime feeds by value every step is decided before launch too (the
+    # seed change's `forward_meta.needs_prefill`, computed by the engine's runner).
+    direct = [n for n in data_ops(mp.program) if n in set(mp.host_inputs)]
+    decided = hoisted + [n for n in direct if n not in hoisted]
     used: list[str] = []
     undecided: list[str] = []
+    first_if: dict[str, paddle.pir.Operation] = {}
     for op in walk_ops(mp.program.global_block()):
         name = op.name()
         if name not in CONTROL_FLOW_OPS:
             continue
         feed = _condition_feed(op) if name == "pd_op.if" else None
-        if feed is not None and feed in hoisted_set:
+        if feed is not None and feed in decided:
             if feed not in used:
                 used.append(feed)
+                first_if[feed] = op
         else:
             undecided.append(f"{name} at {source_location(op) or 'the traced program'}")
     if not used:
         return [], undecided
-    exprs = _expression_ids(mp.prologue.program)
-    groups: dict[int, list[str]] = {}
-    for feed in sorted(used, key=hoisted.index):
-        groups.setdefault(exprs[feed], []).append(feed)
-    producers = _output_producers(mp.prologue.program)
+    exprs = _expression_ids(mp.prologue.program) if mp.prologue is not None else {}
+    groups: dict[Any, list[str]] = {}
+    for feed in sorted(used, key=decided.index):
+        groups.setdefault(exprs.get(feed, f"feed:{feed}"), []).append(feed)
+    producers = _output_producers(mp.prologue.program) if mp.prologue is not None else {}
     conditions = []
     for feeds in groups.values():
-        frame = source_frame(producers[feeds[0]])
-        label = condition_label(source_line(frame[0], frame[1])) if frame else ""
+        if feeds[0] in producers:
+            frame = source_frame(producers[feeds[0]])
+            label = condition_label(source_line(frame[0], frame[1])) if frame else ""
+        else:  # a host input read as it is: named by its field, located at its first if
+            frame = source_frame(first_if[feeds[0]])
+            label = "forward_meta." + feeds[0].removeprefix("meta.")
         conditions.append(BranchCondition(
             name=feeds[0], feeds=tuple(feeds), label=label,
             location=format_location(*frame) if frame else ""))
@@ -373,16 +382,20 @@ def sample_combinations(mp: ModelProgram, conditions: Sequence[BranchCondition],
             f"{getattr(mp.model, 'name', 'this model')} has none: use feasibility=all")
     rng = np.random.default_rng(seed)
     prologue = mp.prologue
-    names = list(data_ops(prologue.program))
+    names = list(data_ops(prologue.program)) if prologue is not None else []
+    direct = sorted({f for c in conditions for f in c.feeds} - set(names)
+                    - set(prologue.outputs if prologue is not None else ()))
     kinds, feeds = [], []
     for kind in BATCH_KINDS:
         for _ in range(samples_per_kind):
             batch = random_batch(rng, kind)
-            feeds.append({n: batch_feed(n, batch, mp.params) for n in names})
+            feeds.append({n: batch_feed(n, batch, mp.params) for n in [*names, *direct]})
             kinds.append(kind)
+    outs_per_batch = (run_each(prologue.program, mp.params, feeds) if prologue is not None
+                      else [[] for _ in feeds])
     seen: dict[tuple[bool, ...], set[str]] = {}
-    for kind, outs in zip(kinds, run_each(prologue.program, mp.params, feeds), strict=True):
-        values = dict(zip(prologue.outputs, outs, strict=True))
+    for kind, feed, outs in zip(kinds, feeds, outs_per_batch, strict=True):
+        values = {**feed, **dict(zip(prologue.outputs if prologue else (), outs, strict=True))}
         try:
             combo = tuple(c.value(values) for c in conditions)
         except ValueError as e:
