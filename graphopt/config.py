@@ -73,6 +73,9 @@ class VerifyConfig:
     replay_atol: float = 1e-4
     #: exit 1 when the optimized step differs from eager
     fail_on_mismatch: bool = True
+    #: on a mismatch, rerun with a numeric check after each program pass and name the first
+    #: pass that broke the step (IR before/after in <run_dir>/bisect/)
+    bisect: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -109,6 +112,8 @@ class GraphoptConfig:
     verify_each: bool = True
     #: print every registered pass with its options, then exit
     list_passes: bool = False
+    #: run into a run directory that already holds a finished run's report.json (replacing it)
+    overwrite: bool = False
 
 
 def register_configs() -> None:
