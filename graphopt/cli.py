@@ -133,7 +133,8 @@ def check_config(argv: list[str]) -> DictConfig | None:
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
         if any(o.is_sweep_override() for o in parsed):
-            return "a sweep (a,b) needs -m: python tools/optimize.py -m " + " ".join(overrides)
+            raise ConfigError("a sweep (a,b) needs -m: python tools/optimize.py -m "
+                              + " ".join(overrides))
         GlobalHydra.instance().clear()
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             keep = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
@@ -148,11 +149,11 @@ def check_config(argv: list[str]) -> DictConfig | None:
     return cfg
 
 
-def run(cfg: DictConfig) -> tuple[int, str]:
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> tuple[int, str]:
     """One job: errors become one line and an exit code (2: bad input, 1: a failed run)."""
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
-        optimize(cfg)
+        optimize(cfg, run_dir)
         return 0, ""
     except VerificationError as e:
         code, message = 1, f"graphopt: verification failed: {e}"

@@ -21,7 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from graphopt.errors import ConfigError
-from graphopt.models import check_builder
+from graphopt.models import check_builder, check_model
 from graphopt.models.deepseek_v3.config import DeepseekV3Node
 from graphopt.models.tiny import TinyNode
 from graphopt.passes.manager import PassManager
@@ -164,6 +164,7 @@ def validate(cfg: DictConfig) -> PassManager:
     _unknown_keys(cfg)
     typed(cfg)
     check_builder(cfg.model)
+    check_model(cfg.model)
     if cfg.runtime.backend == Backend.cuda.value and not paddle.is_compiled_with_cuda():
         raise ConfigError("runtime.backend=cuda needs a CUDA build of Paddle (paddlepaddle-gpu "
                           "3.3); this Paddle is CPU-only: use runtime=cpu (the replay emulator)")

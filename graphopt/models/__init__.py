@@ -15,6 +15,7 @@ model"); nothing in graphopt is edited.
 from __future__ import annotations
 
 import difflib
+import importlib
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -65,6 +66,25 @@ def check_builder(node: Any) -> None:
         get_method(path)
     except Exception as e:
         raise ConfigError(f"model._target_={path!r}: cannot import it ({one_line(e)})") from None
+
+
+def check_model(node: Any) -> None:
+    """Run the family's cheap config check, if its builder's module has one (``check(**keys)``:
+    reads and validates config files, builds nothing), so a bad model config fails before any
+    model is built."""
+    path = builder_path(node)
+    module_name = path.rsplit(".", 1)[0]
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:
+        return  # check_builder reports an unimportable builder
+    check = getattr(module, "check", None)
+    if not callable(check):
+        return
+    keys = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) \
+        else dict(node)
+    keys = {k: v for k, v in keys.items() if k not in ("_target_", "family")}
+    check(**keys)
 
 
 def build_model(node: Any) -> ModelBundle:

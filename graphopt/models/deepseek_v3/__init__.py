@@ -20,7 +20,13 @@ from graphopt.models.deepseek_v3.config import (
 from graphopt.models.deepseek_v3.modeling import DeepseekV3ForCausalLM, DeepseekV3MLAAttention
 from graphopt.models.deepseek_v3.weights import init_random_weights, load_hf_safetensors
 
-__all__ = ["DeepseekV3Config", "DeepseekV3ForCausalLM", "DeepseekV3MLAAttention", "DeepseekV3Node", "build"]
+__all__ = ["DeepseekV3Config", "DeepseekV3ForCausalLM", "DeepseekV3MLAAttention", "DeepseekV3Node", "build",
+           "check"]
+
+
+def check(**node: Any) -> None:
+    """Validate the ``model`` node's config (config.json and overrides) without building."""
+    resolve_config(node)
 
 
 def build(**node: Any) -> ModelBundle:
