@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -108,3 +109,18 @@ def build_model(node: Any) -> ModelBundle:
         raise ConfigError(f"model._target_={path!r} returned {type(bundle).__name__}, "
                           "expected a graphopt.models.ModelBundle")
     return bundle
+
+
+def save_model(node: Any, out_dir: str | Path) -> list[Path]:
+    """Build the model a ``model`` node describes and write it in its family's own checkpoint
+    format (DeepSeek-V3: HF ``config.json`` + ``model.safetensors``); return the files.
+
+    A family whose builder module has no ``save(bundle, out_dir)`` cannot be exported.
+    """
+    path = builder_path(node)
+    module = importlib.import_module(path.rsplit(".", 1)[0])
+    save = getattr(module, "save", None)
+    if not callable(save):
+        raise ConfigError(f"model {node.get('name')!r} ({path}) has no checkpoint format to "
+                          "export to (its module has no save(bundle, out_dir))")
+    return list(save(build_model(node), out_dir))
