@@ -40,6 +40,9 @@ _BINARY = {
 }
 
 
+_INT_MAX = 2**31 - 1
+
+
 def _number(v: Any) -> str:
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
@@ -83,7 +86,8 @@ def value_text(value: Any, depth: int = 0) -> str:
         decrease = set(attrs.get("decrease_axis", []))
         index = [":"] * (max(attrs.get("axes", [0])) + 1)
         for axis, s0, e0 in zip(attrs.get("axes", []), starts, ends, strict=False):
-            index[axis] = str(s0) if axis in decrease and e0 == s0 + 1 else f"{s0}:{e0}"
+            end = "" if e0 >= _INT_MAX else e0  # Paddle writes an open end as INT_MAX
+            index[axis] = str(s0) if axis in decrease and e0 == s0 + 1 else f"{s0}:{end}"
         return f"{_paren(value_text(args[0], depth + 1))}[{', '.join(index)}]"
     if name == "pd_op.cast" and args:
         inner = value_text(args[0], depth + 1)
