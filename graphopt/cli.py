@@ -285,6 +285,9 @@ def _log_to_run_dir() -> None:
     logger = logging.getLogger("graphopt")
     logger.propagate = False
     logger.setLevel(logging.INFO)
+    for h in list(logger.handlers):  # a sweep's previous job wrote to its own directory
+        if isinstance(h, logging.FileHandler) and h not in files:
+            logger.removeHandler(h)
     for h in files:
         if h not in logger.handlers:
             logger.addHandler(h)
