@@ -83,10 +83,12 @@ def preflight(argv: list[str]) -> str | None:
     return None
 
 
-def check_argv(argv: list[str]) -> Path | None:
-    """:func:`check_config`, then the run directory; return it (None: Hydra's own mode, e.g.
-    a sweep or ``--cfg``, which is checked per job or writes nothing)."""
-    if check_config(argv) is None:
+def check_argv(argv: list[str], config: bool = True) -> Path | None:
+    """:func:`check_config` (unless not `config`), then the run directory; return it (None:
+    Hydra's own mode, e.g. a sweep or ``--cfg``, which is checked per job or writes nothing)."""
+    if config and check_config(argv) is None:
+        return None
+    if not config and _hydra_mode(argv):
         return None
     overrides = [a for a in argv if not a.startswith("-") and "=" in a]
     run_dir = _run_dir_of(overrides)
@@ -120,15 +122,21 @@ def _run_dir_of(overrides: list[str]) -> Path | None:
         GlobalHydra.instance().clear()
 
 
+def _hydra_mode(argv: list[str]) -> bool:
+    """A sweep (checked per job) or one of Hydra's info flags (nothing runs)."""
+    if any(a in ("-m", "--multirun") for a in argv):
+        return True
+    return any(a.startswith(("--cfg", "-c", "--help", "-h", "--info", "--hydra-help"))
+               for a in argv)
+
+
 def check_config(argv: list[str]) -> DictConfig | None:
     """Compose and validate the config with the user's overrides; raise one-line ConfigError.
 
     Returns None (nothing checked) for sweeps (checked per job) and Hydra's info flags.
     """
     overrides = [a for a in argv if not a.startswith("-") and "=" in a]
-    if any(a in ("-m", "--multirun") for a in argv):
-        return None  # sweeps are checked per job
-    if any(a.startswith(("--cfg", "-c", "--help", "-h", "--info", "--hydra-help")) for a in argv):
+    if _hydra_mode(argv):
         return None
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -347,15 +355,17 @@ def main() -> None:
     safe = _Stream(sys.stdout)
     sys.stdout = safe  # type: ignore[assignment]
     progress.enable(file=safe)
-    if os.environ.get("HYDRA_FULL_ERROR") != "1":
-        try:
-            run_dir = check_argv(sys.argv[1:])
-            if run_dir is not None:
-                _claim(run_dir, _flags(sys.argv[1:]).get("overwrite", False))
-                _pin_run_dir(run_dir)
-        except (ConfigError, RunDirError) as e:
-            print(f"graphopt: error: {e}", file=sys.stderr)
-            sys.exit(2)
+    # HYDRA_FULL_ERROR=1: config errors are left to Hydra (full tracebacks); the run directory
+    # is still checked and claimed, since a second run must never overwrite a finished one.
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    try:
+        run_dir = check_argv(sys.argv[1:], config=not full)
+        if run_dir is not None:
+            _claim(run_dir, _flags(sys.argv[1:]).get("overwrite", False))
+            _pin_run_dir(run_dir)
+    except (ConfigError, RunDirError) as e:
+        print(f"graphopt: error: {e}", file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
     if _FAILED_JOBS:
         print(f"graphopt: {len(_FAILED_JOBS)} sweep job(s) failed: "
