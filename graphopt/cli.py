@@ -334,7 +334,14 @@ def _hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(hc.runtime.output_dir)
     code = 1
     try:
-        code, message = run(cfg)
+        if (hc.mode == RunMode.MULTIRUN and not cfg.overwrite
+                and (run_dir / "report.json").exists()):
+            # a sweep's job directories are not checked up front: refuse here, per job
+            code, message = 2, (f"graphopt: error: run directory {run_dir}: already holds a "
+                                "finished run (report.json); set overwrite=true to replace it")
+            print(message, file=sys.stderr)
+        else:
+            code, message = run(cfg)
     finally:
         _finish(run_dir, code)
     if not code:

@@ -40,6 +40,7 @@ class Progress:
         self._status: Any = None
         #: the phase running now, and (name, seconds) of those that finished, in order
         self.phase: str | None = None
+        self._label: str | None = None
         self.done: list[tuple[str, float]] = []
         self.t0 = time.perf_counter()
 
@@ -52,12 +53,13 @@ class Progress:
         """One phase: a spinner while it runs, one line when it ends (see module doc)."""
         outer, self.phase = self.phase, name
         label = f"{name} {detail}".strip()
+        outer_label, self._label = self._label, label
         t = time.perf_counter()
         if self.console is not None and outer is None:
             self._status = self.console.status(f"{label} …", spinner="dots")
             self._status.start()
         elif self._status is not None:
-            self._status.update(f"{outer} › {label} …")
+            self._status.update(f"{outer_label} › {label} …")
         ok = False
         try:
             yield
@@ -67,8 +69,8 @@ class Progress:
             if outer is None:
                 self.stop()
             elif self._status is not None:
-                self._status.update(f"{outer} …")
-            self.phase = outer
+                self._status.update(f"{outer_label} …")
+            self.phase, self._label = outer, outer_label
             if ok:
                 self.done.append((name, dt))
                 log.info("phase %s done in %.2f s", label, dt)
