@@ -358,6 +358,10 @@ def main() -> None:
     os.environ.setdefault("GLOG_minloglevel", "2")
     # Paddle warns at import (no ccache, PIR place interface...): noise, not the user's problem.
     warnings.filterwarnings("ignore", category=UserWarning)
+    # A model config's `_target_` names the user's own module: import it from where the user
+    # runs the command, as `python -m` would.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     install_signal_handlers()
     safe = _Stream(sys.stdout)
     sys.stdout = safe  # type: ignore[assignment]

@@ -6,7 +6,7 @@ import numpy as np
 import paddle
 import pytest
 
-from graphopt.errors import ConfigError
+from graphopt.errors import ConfigError, PassError
 from graphopt.ir.model_program import ModelProgram
 from graphopt.ir.pir_utils import op_sequence
 from graphopt.models.base import ModelBundle, StepBatch
@@ -129,9 +129,12 @@ def test_negative_no_control_flow_nothing_marked():
     assert "pd_op.if" not in op_sequence(mp.program)
 
 
-def test_top_level_if_is_reported_not_marked():
-    _, mp = _bundle(_TopLevelIf())
-    record = _run(mp)
-    assert not record.modified and record.stats["graph_breaks_after"] > 0
-    (why,) = {u["why"] for u in record.stats["unresolved"]}
-    assert "top-level" in why and "_TopLevelIf.forward" in why
+def test_top_level_if_fails_with_the_reason_and_marks_nothing():
+    bundle, mp = _bundle(_TopLevelIf())
+    original = _TopLevelIf.forward
+    with pytest.raises(PassError) as info:
+        _run(mp)
+    msg = str(info.value)
+    assert "\n" not in msg and "test_capture_control_flow_pass.py:" in msg
+    assert "traced top-level function" in msg and "_TopLevelIf.forward" in msg
+    assert bundle.patch_checkpoint() == 0 and _TopLevelIf.forward is original

@@ -9,6 +9,7 @@ from graphopt.ir.pir_utils import op_sequence, program_text
 from graphopt.passes.analysis.placement import hazards_of
 from graphopt.passes.manager import PassManager
 from tests import programs
+from tests.filecheck import filecheck
 from tests.programs import run_program
 
 PATTERNS = ([6, 6, 0], [6, 0, 1], [6, 3, 1], [6, 0, 0])
@@ -77,3 +78,28 @@ def test_negative_already_hoisted_program_no_change():
     _, record = _hoist(programs.build_cond_program(hoisted=True))
     assert not record.modified
     assert record.stats["hazards_before"] == 0
+
+
+def test_golden_text_main_program_and_prologue():
+    mp, _ = _hoist(programs.build_cond_program(hoisted=False))
+    filecheck(program_text(mp.program), """
+        CHECK: ([[H0:%[0-9]+]]) = "pd_op.data" () {dtype:bool,name:"hoisted.0"
+        CHECK-NEXT: ([[H1:%[0-9]+]]) = "pd_op.data" () {dtype:bool,name:"hoisted.1"
+        CHECK-NOT: "pd_op.slice"
+        CHECK-NOT: "pd_op.cast"
+        CHECK: ([[A:%[0-9]+]]) = "pd_op.if" ([[H0]])
+        CHECK: "pd_op.relu"
+        CHECK: "pd_op.if" ([[H1]])
+        CHECK: "pd_op.tanh"
+        CHECK: "builtin.shadow_output"
+    """)
+    filecheck(program_text(mp.prologue.program), """
+        CHECK: ([[M:%[0-9]+]]) = "pd_op.data" () {dtype:int32,name:"meta.max_len_tensor_cpu"
+        CHECK: ([[S0:%[0-9]+]]) = "pd_op.slice" ([[M]],
+        CHECK-NEXT: ([[C0:%[0-9]+]]) = "pd_op.cast" ([[S0]]) {dtype:bool
+        CHECK: ([[S1:%[0-9]+]]) = "pd_op.slice" ([[M]],
+        CHECK-NEXT: ([[C1:%[0-9]+]]) = "pd_op.cast" ([[S1]]) {dtype:bool
+        CHECK-NOT: "pd_op.if"
+        CHECK: "builtin.shadow_output" ([[C0]]) {output_name:"hoisted.0"}
+        CHECK-NEXT: "builtin.shadow_output" ([[C1]]) {output_name:"hoisted.1"}
+    """)

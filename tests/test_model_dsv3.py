@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import types
 
 os.environ.setdefault("GLOG_minloglevel", "2")
 
@@ -205,12 +206,12 @@ def test_marked_attention_traces_into_one_graph():
     """With the attention forward marked, SOT gives one graph with two pd_op.if per layer."""
     from paddle.jit.sot.symbolic.compile_cache import CompileSIRCache
 
-    b = build_model(dsv3_cfg(num_hidden_layers=2))
-    b.patch(
-        DeepseekV3MLAAttention,
-        "forward",
-        paddle.jit.marker.capture_control_flow(DeepseekV3MLAAttention.forward),
-    )
+    b = build_model(dsv3_cfg(num_hidden_layers=2, attention_form="graphopt"))
+    fn = DeepseekV3MLAAttention.forward
+    # Paddle's marker tags the function object it gets: mark a copy, not the class's own
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+    b.patch(DeepseekV3MLAAttention, "forward", paddle.jit.marker.capture_control_flow(copy))
     try:
         batch = b.make_batch("mixed", [3, 1], [0, 4])
         want = b.step(batch, commit=False)

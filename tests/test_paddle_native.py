@@ -15,6 +15,7 @@ from graphopt.passes.manager import PassManager
 from graphopt.passes.paddle_native import PaddleNative, PaddleNativeOptions, is_registered
 from graphopt.passes.verify import check_program
 from tests import framework_helpers as fh
+from tests.filecheck import filecheck
 from tests.programs import run_program
 
 X = np.array([[-1.0, 0.5, 2.0], [3.0, -0.25, 0.0]], dtype="float32")
@@ -100,3 +101,15 @@ def test_passes_option_must_be_a_list_of_strings():
         PassManager.from_config(
             ["paddle-native"], {"paddle-native": {"passes": "dead_code_elimination_pass"}}
         )
+
+
+def test_golden_text_dce():
+    program = fh.build_program(dead=True)
+    native("dead_code_elimination_pass").run(fh.make_mp(program))
+    filecheck(program_text(program), """
+        CHECK: ([[X:%[0-9]+]]) = "pd_op.data" () {{.*}}name:"x"
+        CHECK-NOT: "pd_op.exp"
+        CHECK: ([[R:%[0-9]+]]) = "pd_op.relu" ([[X]])
+        CHECK: "pd_op.scale" ([[R]],
+        CHECK: "builtin.shadow_output"
+    """)

@@ -531,8 +531,8 @@ def test_ir_dump_of_a_source_pass_lists_patches(tmp_path):
     assert names == ["000_input.txt", "001_test-source-patch.txt", "002_test-noop.txt"]
     text = (tmp_path / "ir" / "001_test-source-patch.txt").read_text()
     assert (
-        "framework_helpers.Target.greet: framework_helpers.Target.greet -> "
-        "framework_helpers.SourcePatch.run.<locals>.<lambda>\n" in text
+        "tests.framework_helpers.Target.greet: tests.framework_helpers.Target.greet -> "
+        "tests.framework_helpers.SourcePatch.run.<locals>.<lambda>\n" in text
     )
 
 

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from graphopt.ir.pir_utils import data_ops, op_sequence, output_names
+from graphopt.ir.pir_utils import data_ops, op_sequence, output_names, program_text
 from graphopt.ir.segment_plan import CAPTURED, EAGER
 from graphopt.passes.base import Stage
 from graphopt.passes.piecewise_split import build_plan
@@ -20,6 +20,7 @@ from graphopt.passes.registry import get_pass
 from graphopt.report.picture import draw_plan
 from graphopt.runtime.step import run_plan
 from tests import programs as P
+from tests.filecheck import filecheck
 from tests.programs import run_program
 from tests.reference_pruning import extract_by_pruning
 
@@ -276,6 +277,8 @@ def test_plan_json(seed):
     plan = build_plan(seed.program, IF, seed.host_inputs)
     data = json.loads(plan.dumps())
     assert data == plan.to_dict()
+    # every segment names the user line that built it, whatever folder that is in
+    assert all(s.location and s.location.startswith("tests/programs.py:") for s in plan.walk())
     assert [s["kind"] for s in data["segments"]] == [CAPTURED, EAGER, CAPTURED, EAGER, CAPTURED]
     first_if = data["segments"][1]
     assert first_if["ops"] == ["pd_op.if"] and first_if["cond"] == "pd_op.cast@10#0"
@@ -301,3 +304,19 @@ def test_plan_picture_long_plan_is_elided_honestly(tmp_path):
     assert "37 top-level segments not drawn" in svg
     assert "4-segment group" in svg  # the per-layer pattern, detected exactly
     assert "captured #0 " in svg and f"captured #{plan.segments[-1].id} " in svg
+
+
+def test_golden_text_of_a_branch_segment(seed):
+    plan = build_plan(seed.program, IF, seed.host_inputs)
+    first_if = plan.segments[1]
+    (body,) = first_if.branches["true"]
+    # the captured true branch of the first if, as a standalone program: its live-in is a feed,
+    # the weight it reads is its own parameter, its live-out an output
+    filecheck(program_text(body.program), f"""
+        CHECK: ([[IN:%[0-9]+]]) = "pd_op.data" () {{{{.*}}}}name:"seg{body.id}.in0"
+        CHECK: ([[W:%[0-9]+]]) = "builtin.parameter" () {{{{.*}}}}parameter_name:"w1"
+        CHECK: ([[MM:%[0-9]+]]) = "pd_op.matmul" ([[IN]], [[W]])
+        CHECK-NEXT: ([[R:%[0-9]+]]) = "pd_op.relu" ([[MM]])
+        CHECK-NOT: "pd_op.if"
+        CHECK: "builtin.shadow_output" ([[R]]) {{output_name:"seg{body.id}.out0"}}
+    """)

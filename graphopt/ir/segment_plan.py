@@ -70,6 +70,8 @@ class Segment:
     #: HOST_RUNTIME values computed inside the segment: whole-program key -> key of the same
     #: value in `program`. A replay does not redo this host work (the emulator freezes them).
     host_runtime: dict[str, str] = field(default_factory=dict)
+    #: ``file:line (function)`` of the user code that built the segment's first located op
+    location: str | None = None
 
     @property
     def is_branching(self) -> bool:
@@ -96,6 +98,8 @@ class Segment:
         }
         if self.reason:
             d["reason"] = self.reason
+        if self.location:
+            d["location"] = self.location
         if self.feed_names:
             d["feed_names"] = list(self.feed_names)
         if self.output_names:

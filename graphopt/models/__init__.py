@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
-from hydra.utils import get_method, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from graphopt.errors import ConfigError, GraphoptError, one_line
@@ -63,10 +63,13 @@ def builder_path(node: Any) -> str:
 def check_builder(node: Any) -> None:
     """Fail now, as one line, if the node's builder cannot be imported (nothing is built)."""
     path = builder_path(node)
+    module, _, attr = path.rpartition(".")
     try:
-        get_method(path)
+        builder = getattr(importlib.import_module(module), attr) if module else None
     except Exception as e:
         raise ConfigError(f"model._target_={path!r}: cannot import it ({one_line(e)})") from None
+    if not callable(builder):
+        raise ConfigError(f"model._target_={path!r}: no such function (give module.function)")
 
 
 def check_model(node: Any) -> None:

@@ -19,7 +19,7 @@ from paddle import nn
 
 from graphopt.errors import ConfigError
 from graphopt.models.base import ModelBundle
-from graphopt.models.deepseek_v3.batch import slot_model_bundle, step_attention_inputs, write_cache
+from graphopt.models.slots import slot_model_bundle, step_attention_inputs, write_cache
 
 
 @dataclass(frozen=True)

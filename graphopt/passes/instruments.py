@@ -43,16 +43,17 @@ class PassInstrument:
 
 
 class VerifyEachInstrument(PassInstrument):
-    """After every program-stage pass: structural verification + checkers of its `ensures`.
+    """After every pass: checkers of its `ensures`, and for program-stage passes the structural
+    verification of the program.
 
     The PassManager installs it first (so later instruments only see verified programs) unless
     ``verify_each=False``. A failure raises :class:`passes.verify.PassVerificationError`.
     """
 
     def after_pass(self, pass_: Pass, mp: ModelProgram, index: int, result: PassResult) -> None:
-        if pass_.stage is not Stage.PROGRAM:
-            return
-        problems = check_program(mp.program) if mp.program is not None else []
+        problems = []
+        if pass_.stage is Stage.PROGRAM and mp.program is not None:
+            problems = check_program(mp.program)
         problems += check_properties(mp, pass_.ensures)
         if problems:
             raise PassVerificationError(problems)

@@ -35,6 +35,7 @@ from graphopt.ir.pir_utils import (
     data_ops,
     output_names,
     output_values,
+    source_location,
     static_mode,
     walk_ops,
 )
@@ -160,6 +161,14 @@ class _PlanBuilder:
         self.next_id += 1
         return self.next_id - 1
 
+    def _location(self, paths: Sequence[OpPath]) -> str | None:
+        """Where the user's code built the first op of `paths` that Paddle located."""
+        for p in self.index.with_nested(paths):
+            where = source_location(self.index.ops[p])
+            if where:
+                return where
+        return None
+
     def _compute_ops(self, paths: Sequence[OpPath]) -> int:
         return sum(1 for p in self.index.with_nested(paths)
                    if self.index.ops[p].name() not in NON_COMPUTE_OPS)
@@ -212,6 +221,7 @@ class _PlanBuilder:
             block=bpath,
             reason=reason,
             compute_ops=self._compute_ops(run),
+            location=self._location(run),
         )
         self.all.append(seg)
         program, mapping = extract_segment_program(self.index, run, live.live_in, live.live_out,
@@ -241,6 +251,7 @@ class _PlanBuilder:
             block=bpath,
             reason="control flow: the host reads the condition and runs one branch",
             compute_ops=1,  # the if itself; its branches are counted in their own segments
+            location=self._location([path]),
             cond=self.index.operand_keys(path)[0],
             results=self.index.result_keys(path),
         )

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from graphopt.models.base import ModelBundle, file_provenance
-from graphopt.models.deepseek_v3.batch import slot_model_bundle
 from graphopt.models.deepseek_v3.config import (
     SHIPPED_CONFIG_JSON,
     DeepseekV3Config,
@@ -20,12 +19,17 @@ from graphopt.models.deepseek_v3.config import (
     resolve_config,
     write_hf_config,
 )
-from graphopt.models.deepseek_v3.modeling import DeepseekV3ForCausalLM, DeepseekV3MLAAttention
+from graphopt.models.deepseek_v3.modeling import (
+    DeepseekV3ForCausalLM,
+    DeepseekV3MLAAttention,
+    set_branch_flags,
+)
 from graphopt.models.deepseek_v3.weights import (
     init_random_weights,
     load_hf_safetensors,
     save_hf_safetensors,
 )
+from graphopt.models.slots import slot_model_bundle
 
 __all__ = ["DeepseekV3Config", "DeepseekV3ForCausalLM", "DeepseekV3MLAAttention", "DeepseekV3Node", "build",
            "check", "save"]
@@ -46,7 +50,9 @@ def build(**node: Any) -> ModelBundle:
     else:
         init_random_weights(layer, node.get("seed") or 0)
     layer.eval()
-    bundle = slot_model_bundle(node.get("name") or "dsv3", layer, config)
+    seed_form = {"host_inputs": ("max_len_tensor_cpu", "needs_prefill", "needs_decode"),
+                 "prepare_meta": set_branch_flags} if config.attention_form == "seed" else {}
+    bundle = slot_model_bundle(node.get("name") or "dsv3", layer, config, **seed_form)
     bundle.provenance = {
         "config_json": file_provenance(node.get("config_json") or SHIPPED_CONFIG_JSON),
         "weights": file_provenance(weights) if weights

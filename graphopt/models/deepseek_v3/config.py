@@ -12,7 +12,9 @@ Every error is a one-line :class:`graphopt.errors.ConfigError` that names the of
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import enum
 import json
 import math
 from collections.abc import Mapping
@@ -107,6 +109,8 @@ class DeepseekV3Config:
     max_num_seqs: int = 8
     #: graphopt: cache rows per sequence (= the RoPE table length).
     max_seq_len: int = 64
+    #: graphopt: how the MLA attention writes its prefill/decode branches (modeling.py)
+    attention_form: str = "fastdeploy_2025"
     hf: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -171,6 +175,16 @@ def write_hf_config(config: DeepseekV3Config | Mapping[str, Any], path: str | Pa
 # -- resolving the Hydra node ---------------------------------------------------------------
 
 
+class AttentionForm(str, enum.Enum):
+    """The forms FastDeploy's MLA attention has been written in (graphopt/models/deepseek_v3/
+    modeling.py): every form computes the same function."""
+
+    fastdeploy_2025 = "fastdeploy_2025"
+    fastdeploy_2026 = "fastdeploy_2026"
+    seed = "seed"
+    graphopt = "graphopt"
+
+
 @dataclass
 class DeepseekV3Node:
     """Schema of the ``model`` node of the DeepSeek-V3 family (Hydra checks every value).
@@ -191,7 +205,7 @@ class DeepseekV3Node:
     #: cache rows per slot
     max_seq_len: int = 64
     #: how the MLA attention writes its prefill/decode branches (see modeling.py)
-    attention_form: str = "fastdeploy_2025"
+    attention_form: AttentionForm = AttentionForm.fastdeploy_2025
     #: HF fields applied only to the shipped config.json
     shipped_overrides: dict[str, Any] = field(default_factory=dict)
     vocab_size: int | None = None
@@ -257,12 +271,18 @@ def resolve_config(node: Mapping[str, Any]) -> DeepseekV3Config:
     if not given:
         _apply(hf, node.get("shipped_overrides") or {}, known, "shipped_overrides.")
     _apply(hf, {k: v for k, v in node.items() if k not in GRAPHOPT_KEYS}, known, "")
-    return config_from_hf(
+    config = config_from_hf(
         hf,
         max_num_seqs=node.get("max_num_seqs", 8),
         max_seq_len=node.get("max_seq_len", 64),
         source=str(source),
     )
+    form = str(getattr(node.get("attention_form"), "value", node.get("attention_form"))
+               or AttentionForm.fastdeploy_2025.value)
+    if form not in AttentionForm.__members__:
+        raise ConfigError(f"model.attention_form={form!r}: choose one of "
+                          f"{', '.join(AttentionForm.__members__)}")
+    return dataclasses.replace(config, attention_form=form)
 
 
 def _is_int(v: Any) -> bool:

@@ -1,8 +1,20 @@
-"""DeepSeek-V3 in Paddle dygraph, written the way FastDeploy's model looked *before* the seed
-change (``../shared/seed``): the MLA attention Layer chooses its prefill / decode branches inline,
-with two ``if``s on the host tensor ``forward_meta.max_len_tensor_cpu``. Making that traceable
-into one program is graphopt's job (capture-control-flow, hoist-host-branch-conditions, ...), not
-the model's.
+"""DeepSeek-V3 in Paddle dygraph. Its MLA attention picks the prefill and decode paths from the
+host tensor ``forward_meta.max_len_tensor_cpu``, written in one of the forms FastDeploy's own
+code has had (``model.attention_form``, see :data:`ATTENTION_FORMS`):
+
+* ``fastdeploy_2025`` (default): ``fmha_out = None``, ``if forward_meta.max_len_tensor_cpu[1]:``
+  runs prefill and assigns it, ``if forward_meta.max_len_tensor_cpu[2]:`` runs decode and
+  assigns it when still ``None``, adds to it otherwise (FastDeploy before the seed change);
+* ``fastdeploy_2026``: ``need_do_prefill = forward_meta.max_len_tensor_cpu[1] > 0`` (and
+  decode) computed once, ``attn_out`` assigned only inside the branches, a nested
+  ``if need_do_prefill:`` in the decode branch merging both (FastDeploy today);
+* ``seed``: the seed change's hand-fixed form: the engine's runner stores ``needs_prefill`` /
+  ``needs_decode`` on ``forward_meta`` before the step, a separately marked
+  ``prefill_or_decode`` returns the attention output, both branches reshaped alike;
+* ``graphopt``: both branches add into a zero tensor defined before them (a test form).
+
+Every form computes the same function. Making them traceable into one program is graphopt's job
+(capture-control-flow, hoist-host-branch-conditions, ...), not the model's.
 
 Sublayer and parameter names follow HF's DeepSeek-V3 checkpoint (``model.layers.0.self_attn.
 q_a_proj.weight``, ...) so :mod:`models.deepseek_v3.weights` maps names one to one; Linear weights
@@ -23,8 +35,8 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from graphopt.models.deepseek_v3.batch import step_attention_inputs, write_cache
 from graphopt.models.deepseek_v3.config import DeepseekV3Config, yarn_get_mscale
+from graphopt.models.slots import step_attention_inputs, write_cache
 
 
 def _linear(in_features: int, out_features: int) -> nn.Linear:
@@ -152,6 +164,31 @@ class DeepseekV3MLAAttention(nn.Layer):
         forward_meta: Any,
     ) -> tuple[paddle.Tensor, paddle.Tensor]:
         """One layer's attention for T tokens; returns ``(output [T, hidden], new cache)``."""
+        q_nope, q_pe, kv_ctx, new_cache = self.project(
+            hidden_states, cache, rope_cos, rope_sin, write_index, slot_ids, prefill_mask,
+            decode_mask)
+        fmha_out = paddle.zeros_like(prefill_mask).tile([1, self.num_heads * self.v_head_dim])
+        if forward_meta.max_len_tensor_cpu[1]:  # prefill tokens present
+            prefill_out = self.forward_prefill(q_nope, q_pe, kv_ctx, attn_bias)
+            fmha_out = fmha_out + prefill_out * prefill_mask
+        if forward_meta.max_len_tensor_cpu[2]:  # decode tokens present
+            decode_out = self.forward_decode(q_nope, q_pe, kv_ctx, attn_bias)
+            fmha_out = fmha_out + decode_out * decode_mask
+        return self.o_proj(fmha_out), new_cache
+
+    def project(
+        self,
+        hidden_states: paddle.Tensor,
+        cache: paddle.Tensor,
+        rope_cos: paddle.Tensor,
+        rope_sin: paddle.Tensor,
+        write_index: paddle.Tensor,
+        slot_ids: paddle.Tensor,
+        prefill_mask: paddle.Tensor,
+        decode_mask: paddle.Tensor,
+    ) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+        """Query and latent projections, RoPE, this step's cache rows written; returns
+        ``(q_nope, q_pe, kv_ctx [T, S, latent], new cache)``."""
         if self.q_lora_rank is None:
             q = self.q_proj(hidden_states)
         else:
@@ -178,15 +215,7 @@ class DeepseekV3MLAAttention(nn.Layer):
             self.latent_dim,
         )
         kv_ctx = paddle.gather(new_cache, slot_ids)  # [T, S, kv_lora_rank + qk_rope_head_dim]
-
-        fmha_out = paddle.zeros_like(prefill_mask).tile([1, self.num_heads * self.v_head_dim])
-        if forward_meta.max_len_tensor_cpu[1]:  # prefill tokens present
-            prefill_out = self.forward_prefill(q_nope, q_pe, kv_ctx, attn_bias)
-            fmha_out = fmha_out + prefill_out * prefill_mask
-        if forward_meta.max_len_tensor_cpu[2]:  # decode tokens present
-            decode_out = self.forward_decode(q_nope, q_pe, kv_ctx, attn_bias)
-            fmha_out = fmha_out + decode_out * decode_mask
-        return self.o_proj(fmha_out), new_cache
+        return q_nope, q_pe, kv_ctx, new_cache
 
     def forward_prefill(
         self,
@@ -229,6 +258,102 @@ class DeepseekV3MLAAttention(nn.Layer):
         # [H, T, r] @ [H, r, dv] -> [H, T, dv] -> [T, H, dv]
         out = paddle.matmul(o_latent.transpose([1, 0, 2]), w_uv.transpose([1, 0, 2]))
         return out.transpose([1, 0, 2]).reshape([-1, self.num_heads * self.v_head_dim])
+
+
+def merge_prefill_decode_output(
+    attn_out: paddle.Tensor,
+    fmqa_out: paddle.Tensor,
+    prefill_mask: paddle.Tensor,
+    decode_mask: paddle.Tensor,
+) -> paddle.Tensor:
+    """FastDeploy merges the decode tokens' rows into the prefill output with one op."""
+    return attn_out * prefill_mask + fmqa_out * decode_mask
+
+
+class FastDeploy2025MLAAttention(DeepseekV3MLAAttention):
+    """FastDeploy's MLA before the seed change: accumulate-with-None."""
+
+    def forward(self, hidden_states, cache, rope_cos, rope_sin, write_index, slot_ids, attn_bias,
+                prefill_mask, decode_mask, forward_meta):
+        q_nope, q_pe, kv_ctx, new_cache = self.project(
+            hidden_states, cache, rope_cos, rope_sin, write_index, slot_ids, prefill_mask,
+            decode_mask)
+        fmha_out = None
+        if forward_meta.max_len_tensor_cpu[1]:  # max_enc_len_this_time
+            fmha_out = self.forward_prefill(q_nope, q_pe, kv_ctx, attn_bias) * prefill_mask
+        if forward_meta.max_len_tensor_cpu[2]:  # max_dec_len_this_time
+            fmqa_out = self.forward_decode(q_nope, q_pe, kv_ctx, attn_bias) * decode_mask
+            if fmha_out is None:
+                fmha_out = fmqa_out
+            else:
+                fmha_out = fmha_out + fmqa_out
+        return self.o_proj(fmha_out), new_cache
+
+
+class FastDeploy2026MLAAttention(DeepseekV3MLAAttention):
+    """FastDeploy's MLA today: flags computed once, outputs assigned only in the branches."""
+
+    def forward(self, hidden_states, cache, rope_cos, rope_sin, write_index, slot_ids, attn_bias,
+                prefill_mask, decode_mask, forward_meta):
+        q_nope, q_pe, kv_ctx, new_cache = self.project(
+            hidden_states, cache, rope_cos, rope_sin, write_index, slot_ids, prefill_mask,
+            decode_mask)
+        need_do_prefill = forward_meta.max_len_tensor_cpu[1] > 0
+        need_do_decode = forward_meta.max_len_tensor_cpu[2] > 0
+        if need_do_prefill:  # max_enc_len_this_time
+            fmha_out = self.forward_prefill(q_nope, q_pe, kv_ctx, attn_bias)
+            attn_out = fmha_out
+        if need_do_decode:  # max_dec_len_this_time
+            fmqa_out = self.forward_decode(q_nope, q_pe, kv_ctx, attn_bias)
+            if need_do_prefill:
+                attn_out = merge_prefill_decode_output(attn_out, fmqa_out, prefill_mask,
+                                                       decode_mask)
+            else:
+                attn_out = fmqa_out
+        return self.o_proj(attn_out), new_cache
+
+
+class SeedMLAAttention(DeepseekV3MLAAttention):
+    """The seed change: flags on forward_meta (set by the engine's runner, see
+    :func:`set_branch_flags`), the branches in a separately marked function."""
+
+    @paddle.jit.marker.capture_control_flow
+    def prefill_or_decode(self, q_nope, q_pe, kv_ctx, attn_bias, prefill_mask, decode_mask,
+                          forward_meta):
+        fmha_out = paddle.zeros_like(prefill_mask).tile([1, self.num_heads * self.v_head_dim])
+        if forward_meta.needs_prefill:
+            fmha_out_prefill = self.forward_prefill(q_nope, q_pe, kv_ctx, attn_bias)
+            fmha_out_prefill = fmha_out_prefill.reshape([-1, self.num_heads * self.v_head_dim])
+            fmha_out = fmha_out + fmha_out_prefill * prefill_mask
+        if forward_meta.needs_decode:
+            fmqa_out = self.forward_decode(q_nope, q_pe, kv_ctx, attn_bias)
+            fmqa_out = fmqa_out.reshape([-1, self.num_heads * self.v_head_dim])
+            fmha_out = fmha_out + fmqa_out * decode_mask
+        return fmha_out
+
+    def forward(self, hidden_states, cache, rope_cos, rope_sin, write_index, slot_ids, attn_bias,
+                prefill_mask, decode_mask, forward_meta):
+        q_nope, q_pe, kv_ctx, new_cache = self.project(
+            hidden_states, cache, rope_cos, rope_sin, write_index, slot_ids, prefill_mask,
+            decode_mask)
+        fmha_out = self.prefill_or_decode(q_nope, q_pe, kv_ctx, attn_bias, prefill_mask,
+                                          decode_mask, forward_meta)
+        return self.o_proj(fmha_out), new_cache
+
+
+def set_branch_flags(forward_meta: Any) -> None:
+    """What the seed change's engine runner computes on the host before each step."""
+    forward_meta.needs_prefill = forward_meta.max_len_tensor_cpu[1] > 0
+    forward_meta.needs_decode = forward_meta.max_len_tensor_cpu[2] > 0
+
+
+#: ``model.attention_form`` -> the attention Layer written in that form
+ATTENTION_FORMS: dict[str, type[DeepseekV3MLAAttention]] = {
+    "fastdeploy_2025": FastDeploy2025MLAAttention,
+    "fastdeploy_2026": FastDeploy2026MLAAttention,
+    "seed": SeedMLAAttention,
+    "graphopt": DeepseekV3MLAAttention,
+}
 
 
 # -- feed-forward ------------------------------------------------------------------------------
@@ -345,7 +470,7 @@ class DeepseekV3DecoderLayer(nn.Layer):
 
     def __init__(self, config: DeepseekV3Config, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = DeepseekV3MLAAttention(config, layer_idx)
+        self.self_attn = ATTENTION_FORMS[config.attention_form](config, layer_idx)
         self.mlp = (
             DeepseekV3MoE(config)
             if config.is_moe_layer(layer_idx)

@@ -1,29 +1,52 @@
-"""Forward meta and batch builders for models with a per-slot latent cache (dsv3, tiny).
+"""The model contract's reusable half: a FastDeploy-style forward meta, slot caches, batches.
 
-One :class:`ForwardMeta` object lives as long as the model (SOT guards on object identity);
-every batch refills its fields:
+A model written the FastDeploy way takes ``forward(input_ids, positions, forward_meta)`` and
+returns ``(logits, *new_caches)``. :func:`slot_model_bundle` turns such a Layer into a
+:class:`graphopt.models.base.ModelBundle` (batches, padding, random steps, state commits), so a
+user writes only the Layer and a short ``build`` function (see ``examples/byo_model``).
 
-* ``max_len_tensor_cpu``: int32 [3] on ``paddle.CPUPlace()``, updated **in place** (a traced
-  program may hold it by reference): ``[0]`` max total length (cached + new) over the
-  step's sequences, ``[1]`` max new tokens of a prefill sequence (0 if none), ``[2]`` max total
-  length of a decode sequence (0 if none) — FastDeploy's encoder / decoder maxima;
-* ``slot_ids`` (int64 [T]): the cache slot of each token; padding tokens use the scratch slot
+One :class:`ForwardMeta` object lives as long as the model; every batch refills its fields:
+
+* ``max_len_tensor_cpu``: int32 [3] on ``paddle.CPUPlace()``: ``[0]`` max total length (cached
+  + new) over the step's sequences, ``[1]`` max new tokens of a prefill sequence (0 if none),
+  ``[2]`` max total length of a decode sequence (0 if none) -- FastDeploy's encoder / decoder
+  maxima;
+* ``seq_lens_encoder`` / ``seq_lens_decoder`` / ``seq_lens_this_time`` (int32 [max_num_seqs],
+  one entry per cache slot, 0 for an empty slot): prompt tokens of a prefill sequence this step,
+  tokens already cached, tokens this step -- FastDeploy's names and meanings;
+* ``slot_ids`` (int64 [T], FastDeploy's ``batch_id_per_token``) and ``position_ids`` (int64
+  [T]): each token's cache slot and position; padding tokens use the scratch slot
   ``max_num_seqs``, which no real token reads or writes;
 * ``is_prefill`` / ``is_decode`` (float32 [T]): per-token branch masks, both 0 for padding;
 * ``caches``: one latent cache per layer, ``[max_num_seqs + 1, max_seq_len, width]``.
 
-The per-token fields change shape with T, so they are reassigned, not updated in place.
 A sequence is a *decode* sequence when it brings exactly one new token on top of a non-empty
 cache; every other sequence (new, or a chunk on top of a cache) is a *prefill* sequence.
 
-Since the meta is shared, a batch re-binds it to its own fields whenever ``batch.meta`` is read
-(see :class:`SlotStepBatch`): older batches stay valid after newer ones were built or padded.
+The rules a model and its batches keep (graphopt's verification relies on them):
+
+1. **One meta object, updated in place.** SOT guards on object identity: a new meta object per
+   step retraces the whole model. Fixed-shape fields (``max_len_tensor_cpu``, ``seq_lens_*``,
+   caches) are updated in place; per-token fields change shape with T and are reassigned. The
+   runtime reads every meta tensor by value each step, so replacing a tensor works too.
+2. **Padding changes nothing real.** A batch padded to a capture size appends tokens that
+   belong to no sequence: both masks 0, the scratch slot, ``seq_lens_*`` and
+   ``max_len_tensor_cpu`` unchanged. The model must write caches with :func:`write_cache` (a
+   masked write), so padding leaves every cache row, the scratch slot's included, as it was,
+   and the real tokens' outputs do not depend on the padding.
+3. **Unpadded, then padded.** Building or padding a batch refills the shared meta; reading
+   ``batch.meta`` re-binds the meta to that batch (see :class:`SlotStepBatch`), so an older
+   batch stays valid after newer ones were built or padded, in any order.
+4. **No token count baked in.** The step is traced once and runs at every token count, so
+   token-sized shapes must be computed when the program runs: ``-1`` in reshapes,
+   ``paddle.zeros_like(x)`` or ``paddle.shape(x)`` -- not ``x.shape[0]``, which SOT turns
+   into the traced batch's number. Verification reports a step that breaks this rule.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +54,11 @@ import numpy as np
 import paddle
 
 from graphopt.models.base import BATCH_KINDS, ModelBundle, StepBatch
+
+#: per-slot fields, FastDeploy's names (updated in place: their shape never changes)
+SEQ_LEN_FIELDS = ("seq_lens_encoder", "seq_lens_decoder", "seq_lens_this_time")
+#: per-token fields (reassigned: their shape is the step's token count)
+TOKEN_FIELDS = ("slot_ids", "position_ids", "is_prefill", "is_decode")
 
 
 class ForwardMeta:
@@ -40,12 +68,19 @@ class ForwardMeta:
         self.max_len_tensor_cpu = paddle.to_tensor(
             np.zeros([3], dtype=np.int32), place=paddle.CPUPlace()
         )
+        num_slots = caches[0].shape[0] - 1 if caches else 0
+        for name in SEQ_LEN_FIELDS:
+            setattr(self, name, paddle.zeros([num_slots], dtype="int32"))
         self.slot_ids = paddle.zeros([0], dtype="int64")
+        self.position_ids = paddle.zeros([0], dtype="int64")
         self.is_prefill = paddle.zeros([0], dtype="float32")
         self.is_decode = paddle.zeros([0], dtype="float32")
         self.caches = caches
         #: serial number of the SlotStepBatch whose fields the meta holds now (None: none yet).
         self.bound_batch: int | None = None
+        #: what the serving engine's runner computes from the fields before each step (e.g.
+        #: FastDeploy's ``needs_prefill`` flags); called after every batch fills the meta
+        self.prepare: Callable[[ForwardMeta], None] | None = None
 
 
 _BATCH_SERIALS = itertools.count()
@@ -70,10 +105,7 @@ class SlotStepBatch(StepBatch):
 
     def __post_init__(self) -> None:
         self._serial = next(_BATCH_SERIALS)
-        self._device_fields = {
-            k: paddle.to_tensor(self.token_fields[k])
-            for k in ("slot_ids", "is_prefill", "is_decode")
-        }
+        self._device_fields = {k: paddle.to_tensor(self.token_fields[k]) for k in TOKEN_FIELDS}
 
     @property  # type: ignore[override]
     def meta(self) -> Any:
@@ -102,8 +134,12 @@ class SlotStepBatch(StepBatch):
             return
         for name, tensor in self._device_fields.items():
             setattr(meta, name, tensor)
-        # In place: a traced program may have bound this tensor by reference.
+        # In place: a traced program may have bound these tensors by reference.
         meta.max_len_tensor_cpu.set_value(self.token_fields["max_len"])
+        for name in SEQ_LEN_FIELDS:
+            getattr(meta, name).set_value(self.token_fields[name])
+        if meta.prepare is not None:
+            meta.prepare(meta)
         meta.bound_batch = self._serial
 
 
@@ -216,13 +252,25 @@ class SlotBatcher:
             slots=slots,
             token_fields={
                 "slot_ids": token_slots,
+                "position_ids": positions,
                 "is_prefill": 1.0 - token_decode,
                 "is_decode": token_decode,
                 "max_len": max_len,
+                **self._seq_lens(slots, seq_lens, cached_lens, decode),
             },
         )
         batch.apply()
         return batch
+
+    def _seq_lens(self, slots: Sequence[int], seq_lens: Sequence[int], cached_lens: Sequence[int],
+                  decode: Sequence[bool]) -> dict[str, np.ndarray]:
+        """FastDeploy's per-slot lengths: prompt tokens (prefill), cached tokens, this step's."""
+        out = {name: np.zeros([self.max_num_seqs], dtype=np.int32) for name in SEQ_LEN_FIELDS}
+        for slot, new, cached, dec in zip(slots, seq_lens, cached_lens, decode, strict=True):
+            out["seq_lens_encoder"][slot] = 0 if dec else new
+            out["seq_lens_decoder"][slot] = cached
+            out["seq_lens_this_time"][slot] = new
+        return out
 
     def random_batch(self, rng: np.random.Generator, kind: str) -> SlotStepBatch:
         """A valid random step of ``kind`` over whatever the cache holds now.
@@ -290,9 +338,11 @@ class SlotBatcher:
                 "slot_ids": np.concatenate(
                     [f["slot_ids"][:real], np.full([pad], self.scratch_slot, dtype=np.int64)]
                 ),
+                "position_ids": np.concatenate([f["position_ids"][:real], pad_ids]),
                 "is_prefill": np.concatenate([f["is_prefill"][:real], zeros]),
                 "is_decode": np.concatenate([f["is_decode"][:real], zeros]),
                 "max_len": f["max_len"].copy(),
+                **{name: f[name].copy() for name in SEQ_LEN_FIELDS},
             },
         )
         padded.apply()
@@ -304,25 +354,49 @@ class SlotBatcher:
             cache.set_value(np.zeros(cache.shape, dtype=np.float32))
 
 
-def slot_model_bundle(name: str, layer: Any, config: Any, **batcher_options: Any) -> ModelBundle:
-    """A ModelBundle for a model with per-layer slot caches (DeepSeek-V3 and the tiny model).
+def slot_model_bundle(
+    name: str,
+    layer: Any,
+    config: Any = None,
+    *,
+    num_layers: int | None = None,
+    cache_width: int | None = None,
+    max_num_seqs: int | None = None,
+    max_seq_len: int | None = None,
+    vocab_size: int | None = None,
+    max_prefill_len: int = 16,
+    host_inputs: Sequence[str] = ("max_len_tensor_cpu",),
+    prepare_meta: Callable[[ForwardMeta], None] | None = None,
+) -> ModelBundle:
+    """A ModelBundle for a Layer with one slot cache per layer (the model contract's glue).
 
-    `config` needs num_hidden_layers, max_num_seqs, max_seq_len, latent_dim and vocab_size.
+    Sizes come as keywords or from `config`'s attributes (``num_hidden_layers``,
+    ``latent_dim`` = the cache row width, ``max_num_seqs``, ``max_seq_len``, ``vocab_size``);
+    a keyword wins. The Layer's ``forward(input_ids, positions, forward_meta)`` returns
+    ``(logits, *new_caches)``. `host_inputs` name the meta fields that live on the host and
+    change every step; `prepare_meta(meta)` runs after each batch fills the meta, as a serving
+    engine's runner does before launching a step.
     """
-    meta = ForwardMeta(
-        new_caches(
-            config.num_hidden_layers, config.max_num_seqs, config.max_seq_len, config.latent_dim
-        )
-    )
-    batcher = SlotBatcher(
-        meta, config.vocab_size, config.max_num_seqs, config.max_seq_len, **batcher_options
-    )
+
+    def size(value: int | None, attr: str) -> int:
+        if value is None:
+            value = getattr(config, attr, None)
+        if not isinstance(value, int) or value <= 0:
+            raise TypeError(f"slot_model_bundle needs a positive {attr}, got {value!r}")
+        return value
+
+    layers = size(num_layers, "num_hidden_layers")
+    slots, seq_len = size(max_num_seqs, "max_num_seqs"), size(max_seq_len, "max_seq_len")
+    meta = ForwardMeta(new_caches(layers, slots, seq_len, size(cache_width, "latent_dim")))
+    meta.prepare = prepare_meta
+    batcher = SlotBatcher(meta, size(vocab_size, "vocab_size"), slots, seq_len,
+                          max_prefill_len=max_prefill_len)
     return ModelBundle(
         name=name,
         layer=layer,
         meta=meta,
-        host_inputs=("max_len_tensor_cpu",),
-        state_fields=tuple(f"caches.{i}" for i in range(config.num_hidden_layers)),
+        host_inputs=tuple(host_inputs),
+        state_fields=tuple(f"caches.{i}" for i in range(layers)),
         make_batch=batcher.make_batch,
         random_batch=batcher.random_batch,
         reset_state=batcher.reset_state,

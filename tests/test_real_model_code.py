@@ -1,0 +1,111 @@
+"""FastDeploy's own MLA branch shapes, in a model defined outside graphopt (tests/
+fastdeploy_models.py), through the flagship pipeline unedited: 0 breaks, 0 hazards, verified
+replay, every batch kind equal to eager."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import paddle
+import pytest
+from omegaconf import OmegaConf
+
+from graphopt.driver import optimize
+from graphopt.errors import PassError
+from graphopt.ir.model_program import ModelProgram
+from graphopt.ir.pir_utils import program_text
+from graphopt.passes.manager import PassManager
+from tests import fastdeploy_models as fm
+from tests.conftest import compose_cfg
+from tests.filecheck import filecheck
+
+MODEL_FILE = fm.__file__
+
+
+def _cfg(form: str, **model):
+    cfg = compose_cfg("pipeline=cudagraph")
+    cfg.model = OmegaConf.create({"_target_": "tests.fastdeploy_models.build",
+                                  "name": f"fd-{form}", "form": form, **model})
+    return cfg
+
+
+def _sha(path: str) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.mark.parametrize("form", ["fd2025", "fd2026", "seed", "mask_both", "token_shape"])
+def test_fastdeploy_shapes_through_the_flagship_pipeline(form, tmp_path):
+    source_before = _sha(MODEL_FILE)
+    originals = {name: cls.forward for name, cls in fm.FORMS.items()}
+    report = optimize(_cfg(form), run_dir=tmp_path)
+    assert report["graph_breaks"]["after"] == 0 and report["trace"]["subgraphs"] == 1
+    assert report["hazards"]["after"] == 0
+    assert report["replay"]["steps"] >= 20 and report["replay"]["mismatches"] == 0
+    assert all(v <= 1e-5 for v in report["numerics"].values()), report["numerics"]
+    assert set(report["numerics"]) == {"prefill", "decode", "mixed"}
+    assert report["verified"] is True
+    if form == "seed":  # hand-fixed: already one graph, conditions are host inputs
+        assert report["graph_breaks"]["before"] == 0 and report["marked"] == []
+    else:
+        assert report["graph_breaks"]["before"] > 0 and report["hazards"]["before"] > 0
+        (marked,) = report["marked"]
+        assert marked["function"] == f"tests.fastdeploy_models.{fm.FORMS[form].__name__}.forward"
+        assert marked["location"].startswith("tests/fastdeploy_models.py:")
+        # hazards point at the user's lines, whatever the folder
+        assert all(h["location"].startswith("tests/fastdeploy_models.py:")
+                   for h in report["hazards"]["details_before"])
+    if form in ("fd2025", "fd2026", "token_shape"):
+        assert marked["rewrites"] and "paddle.shape(" in marked["rewrites"][0]
+    # nothing edited on disk, nothing left patched in memory
+    assert _sha(MODEL_FILE) == source_before
+    assert {name: cls.forward for name, cls in fm.FORMS.items()} == originals
+
+
+def test_host_tensor_replaced_between_steps_is_still_correct(tmp_path):
+    report = optimize(_cfg("fd2026", replace_host_tensor=True), run_dir=tmp_path)
+    # SOT binds max_len_tensor_cpu by reference inside the marked function; graphopt feeds it
+    # by value every step, so a new tensor per step is seen
+    assert "meta.max_len_tensor_cpu" in report["trace"]["host_bound_by_reference"]
+    assert report["replay"]["mismatches"] == 0 and report["verified"] is True
+
+
+def test_a_shape_graphopt_cannot_handle_is_one_line_and_patches_nothing(tmp_path):
+    layer_call = paddle.nn.Layer.__call__
+    original = fm.MLAUnsupported.forward
+    with pytest.raises(PassError) as info:
+        optimize(_cfg("unsupported"), run_dir=tmp_path)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith("pass 'capture-control-flow' failed:")
+    assert "tests/fastdeploy_models.py:" in msg  # the user's file and line
+    assert "Paddle: TypeError: The type of 'input[0]' in concat must be" in msg  # its reason
+    assert "could not rewrite it" in msg and "`parts`" in msg  # and what to change
+    # nothing patched afterwards, Paddle's and the model's functions are the originals
+    assert paddle.nn.Layer.__call__ is layer_call
+    assert fm.MLAUnsupported.forward is original
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_golden_text_of_the_rewritten_branch():
+    """fd2025, one layer: `fmha_out = None` became zeros shaped at run time, yielded by the
+    prefill if's else-branch; the decode if then adds into it."""
+    bundle = fm.build(form="fd2025", num_layers=1)
+    mp = ModelProgram(model=bundle)
+    mp.trace_batch = bundle.random_batch(np.random.default_rng(0), "mixed")
+    try:
+        PassManager.from_config(["capture-control-flow"], {}).run(mp)
+    finally:
+        bundle.restore_patches(0)
+    filecheck(program_text(mp.program), """
+        CHECK: "pd_op.shape64"
+        CHECK: ([[Z:%[0-9]+]]) = "pd_op.full_with_tensor" ({{.*}}) {dtype:float32
+        CHECK: ([[P:%[0-9]+]]) = "pd_op.if" ({{.*}}) {{.*}} -> tensor<-1x16xf32> {
+        CHECK: "pd_op.softmax"
+        CHECK: } else {
+        CHECK-NEXT: "cf.yield" ([[Z]])
+        CHECK: "pd_op.if"
+        CHECK: "pd_op.add" ([[P]],
+        CHECK-NOT: "pd_op.if"
+        CHECK: "builtin.shadow_output"
+    """)
