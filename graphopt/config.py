@@ -44,8 +44,16 @@ class RuntimeConfig:
     #: batch token counts that get a captured graph; a batch is padded up to the next size
     cudagraph_capture_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
     cudagraph_num_of_warmups: int = 1
+    #: replay each newly captured graph once on its capture batch, compare it with the
+    #: uncaptured run, and drop it (that graph's segment/variant and size run uncaptured) if it
+    #: differs by more than check_captures_atol
+    check_captures: bool = False
+    check_captures_atol: float = 1e-4
 
     def __post_init__(self) -> None:
+        if not self.check_captures_atol >= 0:
+            raise ValueError("runtime.check_captures_atol must be >= 0, got "
+                             f"{self.check_captures_atol}")
         sizes = list(self.cudagraph_capture_sizes)
         if not sizes:
             raise ValueError("runtime.cudagraph_capture_sizes is empty: give at least one size, "

@@ -70,6 +70,8 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
                 capture_sizes=list(cfg.runtime.cudagraph_capture_sizes),
                 num_warmups=int(cfg.runtime.cudagraph_num_of_warmups),
                 atol=float(cfg.verify.replay_atol),
+                check_captures=bool(cfg.runtime.check_captures),
+                check_atol=float(cfg.runtime.check_captures_atol),
             )
         hazards_after = [h.to_dict() for h in hazards_of(mp)] if mp.program is not None else None
         report = build_report(cfg, pipeline, mp, records, hazards_before, hazards_after,

@@ -3,7 +3,8 @@
 What the command line does with them: :class:`ConfigError` (bad user input) is one line and
 exit 2; :class:`PassError` and :class:`TraceError` (a pass or the trace could not do its job)
 are one line and exit 1, or exit 2 when caused by a ConfigError; :class:`VerificationError`
-(the optimized step computes something else than the eager model) is one line and exit 1.
+(the optimized step computes something else than the eager model) and :class:`DispatchError`
+(a step no specialised variant serves) are one line and exit 1.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ class TraceError(GraphoptError):
 
 class VerificationError(GraphoptError):
     """The optimized program does not compute what the eager model computes."""
+
+
+class DispatchError(GraphoptError):
+    """The runtime has no program for a step: no specialised variant serves its branch
+    conditions (refused rather than run with a wrong branch)."""
 
 
 def one_line(error: BaseException, limit: int = 0) -> str:

@@ -4,9 +4,11 @@ Two checks, both on random steps whose host values change from step to step (a c
 compares one step per trace cannot see a program that reads stale host values):
 
 * numerics: one prefill, one decode and one mixed step, optimized (uncaptured) vs eager, on the
-  same cache state; with a segment plan, the unsplit program is compared too;
+  same cache state; with a segment plan or variants, the unsplit program is compared too (with
+  variants, each kind runs the variant its conditions pick);
 * replay: ``verify.steps`` random steps through the capture backend (the CPU replay emulator or
-  CUDA graphs): capture once per (segment, size), replay after, every output compared.
+  CUDA graphs): capture once per (segment or variant, size), replay after, every output
+  compared.
 
 ``verify.bisect=true`` adds :class:`NumericsInstrument`: on a rerun, the step is compared with
 eager after every program pass, and the first pass that makes it differ is named.
@@ -27,6 +29,7 @@ from graphopt.models.base import BATCH_KINDS
 from graphopt.passes.base import Pass, PassResult, Stage
 from graphopt.passes.instruments import PassInstrument
 from graphopt.runtime.step import StepExecutor, WholeProgramStep
+from graphopt.runtime.variants import VariantStepExecutor
 
 
 def max_abs_err(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -47,8 +50,10 @@ class Numerics:
 
     optimized: dict[str, float] = field(default_factory=dict)
     whole_program: dict[str, float] = field(default_factory=dict)
-    #: what ran as "optimized": segments | whole program | SOT's own graphs
+    #: what ran as "optimized": variants | segments | whole program | SOT's own graphs
     ran: str = ""
+    #: with variants: the variant (or general program) each batch kind was dispatched to
+    dispatched: dict[str, str] = field(default_factory=dict)
 
 
 def check_numerics(mp: ModelProgram, rng: np.random.Generator) -> Numerics:
@@ -56,7 +61,10 @@ def check_numerics(mp: ModelProgram, rng: np.random.Generator) -> Numerics:
     bundle = mp.model
     out = Numerics()
     step = None
-    if mp.segments is not None:
+    if mp.variants:
+        step = VariantStepExecutor(mp, backend="none", capture_sizes=[1], num_warmups=0)
+        out.ran = "variants (uncaptured)"
+    elif mp.segments is not None:
         step = StepExecutor(mp, backend="none", capture_sizes=[1], num_warmups=0)
         out.ran = "segments (uncaptured)"
     elif mp.program is not None:
@@ -72,8 +80,10 @@ def check_numerics(mp: ModelProgram, rng: np.random.Generator) -> Numerics:
                 got = [o.numpy() for o in _flat(mp.sot_step(*batch.args, batch.meta))]
         else:
             got = step.run(batch)
-            if isinstance(step, StepExecutor):
+            if isinstance(step, (StepExecutor, VariantStepExecutor)):
                 out.whole_program[kind] = max_abs_err(step.run_whole(batch), eager)
+            if isinstance(step, VariantStepExecutor):
+                out.dispatched[kind] = step.last_target
         out.optimized[kind] = max_abs_err(got, eager)
         bundle.commit_state(eager[1:])
     return out
@@ -103,18 +113,25 @@ class Replay:
 
 
 def check_replay(mp: ModelProgram, rng: np.random.Generator, *, backend: str, steps: int,
-                 capture_sizes: list[int], num_warmups: int, atol: float) -> Replay:
-    """`steps` random steps of mixed kinds through the capture backend, each vs eager."""
+                 capture_sizes: list[int], num_warmups: int, atol: float,
+                 check_captures: bool = False, check_atol: float = 1e-4) -> Replay:
+    """`steps` random steps of mixed kinds through the capture backend, each vs eager.
+
+    With variants, each step is dispatched to its variant (one graph per (variant, size));
+    with `check_captures`, each new graph is checked against an uncaptured run first.
+    """
     out = Replay(backend=backend, atol=atol)
-    if mp.segments is None:
+    if mp.segments is None or any(v.segments is None for v in mp.variants):
         out.skipped = ("the step is several SOT graphs: nothing to capture" if mp.program is None
                        else "no segment plan: piecewise-split is not in the pipeline")
         return out
     if backend == "none" or not steps:
         out.skipped = "runtime.backend=none" if backend == "none" else "verify.steps=0"
         return out
-    executor = StepExecutor(mp, backend=backend, capture_sizes=capture_sizes,
-                            num_warmups=num_warmups)
+    runner = VariantStepExecutor if mp.variants else StepExecutor
+    executor = runner(mp, backend=backend, capture_sizes=capture_sizes,
+                      num_warmups=num_warmups, check_captures=check_captures,
+                      check_atol=check_atol)
     kinds = [BATCH_KINDS[i % len(BATCH_KINDS)] for i in range(steps)]
     rng.shuffle(kinds)
     errs = []
@@ -164,7 +181,8 @@ class BisectResult:
 
 
 def step_errors(mp: ModelProgram, seed: int) -> dict[str, float]:
-    """Max abs error per batch kind, `mp`'s program (its segments too, if any) vs eager.
+    """Max abs error per batch kind, `mp`'s program (its segments and variants too, if any)
+    vs eager.
 
     Nothing is committed to the model's caches and the batches come from their own generator,
     so a check changes nothing that a later verification sees.
@@ -174,6 +192,9 @@ def step_errors(mp: ModelProgram, seed: int) -> dict[str, float]:
     runners: list[Any] = [WholeProgramStep(mp)]
     if mp.segments is not None:
         runners.append(StepExecutor(mp, backend="none", capture_sizes=[1], num_warmups=0))
+    if mp.variants:
+        runners.append(VariantStepExecutor(mp, backend="none", capture_sizes=[1],
+                                           num_warmups=0))
     out: dict[str, float] = {}
     for kind in BATCH_KINDS:
         batch = bundle.random_batch(rng, kind)

@@ -162,7 +162,8 @@ def pad_batch(batch: StepBatch, num_tokens: int) -> StepBatch:
 
 @dataclass
 class ToyModel:
-    """What the runtime needs from ``mp.model``: a name, host inputs, state fields, pad_batch."""
+    """What the runtime needs from ``mp.model``: a name, host inputs, state fields, pad_batch,
+    and random batches of each kind (specialize-branches samples them)."""
 
     name: str = "toy"
     host_inputs: tuple[str, ...] = ("max_len_tensor_cpu",)
@@ -172,6 +173,13 @@ class ToyModel:
     def pad_batch(self, batch: StepBatch, num_tokens: int) -> StepBatch:
         self.pad_calls.append((batch.num_tokens, num_tokens))
         return pad_batch(batch, num_tokens)
+
+    def random_batch(self, rng: np.random.Generator, kind: str) -> StepBatch:
+        """A step of `kind` with 1..8 tokens and random host values: prefill ``[t, t, 0]``,
+        decode ``[t, 0, t]``, mixed ``[t, t, t]`` (so both conditions false never occurs)."""
+        t = int(rng.integers(1, 9))
+        prefill, decode = {"prefill": (1, 0), "decode": (0, 1), "mixed": (1, 1)}[kind]
+        return make_batch(t, [t, prefill * t, decode * t], rng)
 
 
 def model_program(built: Built, blacklist: list[str] | None = None) -> ModelProgram:

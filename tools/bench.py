@@ -10,6 +10,8 @@ Modes, timed round-robin on the same batches so machine noise hits them alike:
   whole       the optimized program, one static-executor run
   piecewise   segments in order, no capture (backend none)
   replay      segments through the capture backend (CPU: the replay emulator)
+  variant, variant_replay   with specialize-branches (e.g. pipeline=full_graph): the step's
+              if-free variant, uncaptured / through the capture backend
 Also counted, not timed: host dispatches per step (eager: ops launched one by one; whole: 1;
 piecewise/replay: segment runs incl. eager ifs) -- the number a CUDA graph exists to cut.
 
@@ -60,6 +62,7 @@ def run(argv: list[str]) -> dict:
     from graphopt.driver import build_and_optimize
     from graphopt.ir.pir_utils import op_count
     from graphopt.runtime.step import StepExecutor, WholeProgramStep
+    from graphopt.runtime.variants import VariantStepExecutor
 
     cfg, bench = _compose(argv)
     pm = validate(cfg)
@@ -85,6 +88,12 @@ def run(argv: list[str]) -> dict:
 
         modes = {"eager": eager, "sot": sot, "whole": whole.run,
                  "piecewise": piecewise.run, "replay": replay.run}
+        if mp.variants:
+            modes["variant"] = VariantStepExecutor(mp, backend="none").run
+            modes["variant_replay"] = VariantStepExecutor(
+                mp, backend=cfg.runtime.backend.value,
+                capture_sizes=list(cfg.runtime.cudagraph_capture_sizes),
+                num_warmups=int(cfg.runtime.cudagraph_num_of_warmups)).run
         results: dict[str, dict] = {}
         for kind in bench.kinds:
             batch = bundle.random_batch(rng, kind)
@@ -109,6 +118,9 @@ def run(argv: list[str]) -> dict:
             "piecewise_or_replay": sum(1 for s in plan.walk() if s.kind == "captured")
             + (1 if mp.prologue is not None else 0),
         }
+        if mp.variants:  # one variant per step: its captured segments plus the prologue
+            dispatches["variant"] = max(len(v.segments.captured) if v.segments else 1
+                                        for v in mp.variants) + (mp.prologue is not None)
     finally:
         bundle.restore_patches(0)
 

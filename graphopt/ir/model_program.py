@@ -24,10 +24,11 @@ stay valid for it.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 import paddle
 
 from graphopt.ir.pir_utils import clone_program
@@ -35,8 +36,6 @@ from graphopt.ir.segment_plan import SegmentPlan
 from graphopt.ir.sources import format_location
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from graphopt.models.base import ModelBundle, StepBatch
 
 T = TypeVar("T")
@@ -138,6 +137,114 @@ class HostPrologue:
     outputs: list[str]  # names of the main program's pd_op.data ops fed by this prologue
 
 
+@dataclass(frozen=True)
+class BranchCondition:
+    """A branch condition the host decides before launch (set by specialize-branches).
+
+    One or more ``hoisted.<k>`` feeds that compute the same host expression (e.g. each layer's
+    ``max_len_tensor_cpu[1]`` check): the prologue computes them every step, so a step's value
+    is known before anything is launched.
+    """
+
+    #: the first of `feeds`; variants are keyed by it
+    name: str
+    feeds: tuple[str, ...]
+    #: the source text of the condition (``forward_meta.max_len_tensor_cpu[1]``), "" if unknown
+    label: str = ""
+    #: ``file:line (function)`` where the model computes it, "" if unknown
+    location: str = ""
+
+    def value(self, feeds: Mapping[str, Any]) -> bool:
+        """The condition's truth in a step's feeds; ValueError if its feeds disagree or one is
+        not a single element (never guess a branch)."""
+        values = set()
+        for name in self.feeds:
+            arr = np.asarray(feeds[name])
+            if arr.dtype == object or arr.size != 1:
+                raise ValueError(f"branch condition {name} must be one element, got shape "
+                                 f"{list(arr.shape)}")
+            values.add(bool(arr.reshape(-1)[0]))
+        if len(values) != 1:
+            raise ValueError(f"branch condition {self.name}: its feeds {', '.join(self.feeds)} "
+                             "compute the same host expression but disagree")
+        return values.pop()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "feeds": list(self.feeds), "label": self.label,
+                "location": self.location}
+
+
+def combination_name(values: Mapping[str, bool]) -> str:
+    """``hoisted.0=1,hoisted.1=0``: a combination of condition values, by condition name."""
+    return ",".join(f"{name}={int(v)}" for name, v in values.items()) or "(none)"
+
+
+@dataclass
+class Variant:
+    """One if-free program: the main program with every host-decided ``if`` folded to the
+    branch its conditions take (set by specialize-branches)."""
+
+    #: the conditions it was folded for, e.g. ``hoisted.0=1,hoisted.1=0``
+    name: str
+    #: condition name -> the value it assumes. Only conditions some fold read: a condition whose
+    #: every ``if`` sits in a dropped branch is not one of them (either value matches).
+    conditions: dict[str, bool]
+    program: paddle.pir.Program = field(repr=False)
+    #: the conditions in words, from the model's source (e.g. ``x[1] and not x[2]``)
+    label: str = ""
+    #: batch kinds the combinations it serves were seen with (sampled feasibility)
+    kinds: list[str] = field(default_factory=list)
+    #: the full combinations of condition values it serves
+    combinations: list[dict[str, bool]] = field(default_factory=list)
+    #: set by piecewise-split: how the variant is captured (one captured segment when nothing in
+    #: it is blacklisted: a full graph)
+    segments: SegmentPlan | None = None
+
+    def matches(self, values: Mapping[str, bool]) -> bool:
+        """Whether a step with these condition values runs this variant."""
+        return all(values.get(name) == v for name, v in self.conditions.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (no program) for reports."""
+        return {
+            "name": self.name,
+            "label": self.label,
+            "conditions": {k: bool(v) for k, v in self.conditions.items()},
+            "kinds": list(self.kinds),
+            "combinations": [combination_name(c) for c in self.combinations],
+            "segments": None if self.segments is None else self.segments.stats(),
+        }
+
+
+@dataclass
+class Specialization:
+    """What specialize-branches decided: the host conditions, which combinations of their
+    values can occur, and which of those have a variant."""
+
+    conditions: list[BranchCondition]
+    #: combinations that can occur (each served by one variant, or by the general program)
+    feasible: list[dict[str, bool]]
+    #: combinations enumerated but never produced (not built; a step with one is refused)
+    unreachable: list[dict[str, bool]]
+    #: feasible combinations left to the general program (run piecewise, ifs eager)
+    general: list[dict[str, bool]]
+    #: how feasibility was decided, in words
+    rule: str = ""
+
+    def values(self, feeds: Mapping[str, Any]) -> dict[str, bool]:
+        """Every condition's value in a step's feeds (prologue outputs included)."""
+        return {c.name: c.value(feeds) for c in self.conditions}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "conditions": [c.to_dict() for c in self.conditions],
+            "feasible": [combination_name(c) for c in self.feasible],
+            "unreachable": [combination_name(c) for c in self.unreachable],
+            "general": [combination_name(c) for c in self.general],
+            "rule": self.rule,
+        }
+
+
 @dataclass
 class ModelProgram:
     """The model, its traced program, and everything the passes learn about it."""
@@ -155,6 +262,10 @@ class ModelProgram:
     flags: dict[str, str] = field(default_factory=dict)
     #: set by piecewise-split
     segments: SegmentPlan | None = None
+    #: set by specialize-branches: one if-free program per feasible combination of host-decided
+    #: branch conditions, and what it decided
+    variants: list[Variant] = field(default_factory=list)
+    specialization: Specialization | None = None
     #: the latest trace, and every trace of the run in order (the first: the unmodified model)
     trace: TraceInfo = field(default_factory=TraceInfo)
     traces: list[TraceInfo] = field(default_factory=list)
@@ -198,6 +309,19 @@ class ModelProgram:
         """How many source patches the model carries (for retrace decisions and rollback)."""
         return self.model.patch_checkpoint()
 
+    def needs_general_program(self) -> bool:
+        """Whether steps may run ``program`` itself: no variants, or feasible combinations that
+        no variant serves (see specialize-branches)."""
+        return not self.variants or bool(self.specialization and self.specialization.general)
+
+    def programs(self) -> list[paddle.pir.Program]:
+        """Every PIR program this ModelProgram owns: main, prologue, variants."""
+        out = [self.program] if self.program is not None else []
+        if self.prologue is not None:
+            out.append(self.prologue.program)
+        out.extend(v.program for v in self.variants)
+        return out
+
     # -- copies -----------------------------------------------------------------------------
     def clone(self, program: bool = True) -> ModelProgram:
         """A copy whose metadata (and, with `program`, PIR programs) can be changed without
@@ -206,8 +330,9 @@ class ModelProgram:
         Copied: the program and the prologue's program (new ops and values) when `program`,
         every container (params dict, lists, flags, properties, analyses) and the trace infos.
         Shared: the model (source patches have their own rollback), the weight arrays (passes
-        replace, never mutate them), the trace batch, and ``segments`` (passes assign a new
-        plan, never edit one in place).
+        replace, never mutate them), the trace batch, ``segments`` and ``specialization``
+        (passes assign new ones, never edit one in place). Variants are new objects (a pass may
+        give one a plan), their programs copied with `program`.
         """
         new = copy.copy(self)
         if program:
@@ -217,6 +342,10 @@ class ModelProgram:
                     program=clone_program(self.prologue.program),
                     outputs=list(self.prologue.outputs),
                 )
+        new.variants = [copy.copy(v) for v in self.variants]
+        if program:
+            for v in new.variants:
+                v.program = clone_program(v.program)
         new.params = dict(self.params)
         new.host_inputs = list(self.host_inputs)
         new.blacklist = list(self.blacklist)

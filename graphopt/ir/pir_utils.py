@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import paddle
 
@@ -147,8 +147,8 @@ def op_sequence(block_or_program, nested: bool = False) -> list[str]:
     return [op.name() for op in (walk_ops(block) if nested else block.ops)]
 
 
-def source_location(op: paddle.pir.Operation) -> str | None:
-    """``file:line (function)`` of the innermost user frame that built `op`, or None.
+def source_frame(op: paddle.pir.Operation) -> tuple[str, int, str] | None:
+    """``(file, line, function)`` of the innermost user frame that built `op`, or None.
 
     Paddle records the Python call stack of every op it builds (``op_callstack``); frames in
     Paddle, other libraries and graphopt's own machinery are skipped, rewritten functions are
@@ -162,7 +162,7 @@ def source_location(op: paddle.pir.Operation) -> str | None:
     if not stack:
         for sub in op.blocks():
             for inner in sub.ops:
-                where = source_location(inner)
+                where = source_frame(inner)
                 if where:
                     return where
         return None
@@ -173,8 +173,15 @@ def source_location(op: paddle.pir.Operation) -> str | None:
             continue
         file, line = original_location(m.group("file"), int(m.group("line")))
         if not is_library_file(file):
-            best = format_location(file, line, m.group("func"))
+            best = (file, line, m.group("func"))
     return best
+
+
+def source_location(op: paddle.pir.Operation) -> str | None:
+    """``file:line (function)`` of the innermost user frame that built `op` (see
+    :func:`source_frame`), or None."""
+    frame = source_frame(op)
+    return format_location(*frame) if frame else None
 
 
 def program_text(program: paddle.pir.Program) -> str:
@@ -235,3 +242,47 @@ def fold_if(if_op: paddle.pir.Operation, branch: int) -> None:
     for res, src in zip(if_op.results(), yield_op.operands_source(), strict=True):
         res.replace_all_uses_with(src)
     if_op.get_parent_block().remove_op(if_op)
+
+
+def fold_decided_ifs(
+    block: paddle.pir.Block, decide: Callable[[paddle.pir.Operation], int | None]
+) -> int:
+    """Fold, in place, every ``pd_op.if`` of `block` (nested blocks included) for which
+    ``decide(if_op)`` names a branch (0 = true, 1 = false); returns how many were folded.
+
+    One walk in program order: the ops of a taken branch are visited right after they moved
+    out, so an ``if`` nested in it is decided too; an untaken branch is dropped with its ``if``
+    and never visited. An ``if`` that `decide` leaves open (None) keeps both branches, whose
+    ops are still visited.
+    """
+    return _fold_ops(list(block.ops), decide)
+
+
+def _fold_ops(ops: list[paddle.pir.Operation],
+              decide: Callable[[paddle.pir.Operation], int | None]) -> int:
+    folded = 0
+    for op in ops:
+        branch = decide(op) if op.name() == "pd_op.if" else None
+        if branch is None:
+            for sub in op.blocks():
+                folded += _fold_ops(list(sub.ops), decide)
+            continue
+        moved = list(list(op.blocks())[branch].ops)[:-1]  # all but the final cf.yield
+        fold_if(op, branch)
+        folded += 1 + _fold_ops(moved, decide)
+    return folded
+
+
+#: Paddle skips, silently, a pass whose own opt level exceeds the PassManager's (pass.cc:
+#: ``if (opt_level < pass->pass_info().opt_level) return true;``). A pass asked for by name must
+#: run, so the PassManager gets the highest level.
+PADDLE_PASS_OPT_LEVEL = 255
+
+
+def run_paddle_passes(program: paddle.pir.Program, names: Sequence[str]) -> None:
+    """Run Paddle's own C++ PIR passes `names` (e.g. ``dead_code_elimination_pass``), in
+    order, on `program`, in place, through one ``paddle.pir.PassManager``."""
+    pm = paddle.pir.PassManager(opt_level=PADDLE_PASS_OPT_LEVEL)
+    for name in names:
+        pm.add_pass(name, {})
+    pm.run(program)

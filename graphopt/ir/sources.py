@@ -9,9 +9,12 @@ and :func:`original_location` translates.
 
 from __future__ import annotations
 
+import io
+import linecache
 import os
 import re
 import sysconfig
+import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,3 +107,17 @@ def format_location(file: str, line: int, function: str = "") -> str:
     """``path:line (function)`` for reports and messages."""
     where = f"{display_path(file)}:{line}"
     return f"{where} ({function})" if function else where
+
+
+def source_line(file: str, line: int) -> str:
+    """The code on one line of a source file, without indentation and comment ('' if the file
+    cannot be read)."""
+    text = linecache.getline(file, line).strip()
+    if "#" not in text:
+        return text
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+    except (tokenize.TokenError, SyntaxError):  # a line continued elsewhere: keep it as it is
+        return text
+    comment = next((t for t in tokens if t.type == tokenize.COMMENT), None)
+    return text[: comment.start[1]].rstrip() if comment is not None else text

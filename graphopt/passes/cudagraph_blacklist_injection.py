@@ -8,6 +8,9 @@ before anything is compiled (Paddle's CudaGraphExtractPass parses the flag once,
 
 With ``full_cuda_graph=true`` and control flow left in the program this is an impossible
 combination: one clear error names the ops, where they come from, and the ways out.
+
+After specialize-branches, the programs that run are the if-free variants, plus the main program
+only if some feasible combination has no variant (the hybrid): control flow is counted in those.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 import paddle
 
 from graphopt.errors import ConfigError
-from graphopt.ir.model_program import ModelProgram
+from graphopt.ir.model_program import ModelProgram, combination_name
 from graphopt.ir.pir_utils import CONTROL_FLOW_OPS, NON_COMPUTE_OPS, source_location, walk_ops
 from graphopt.passes.analysis.placement import Placement, placement_of
 from graphopt.passes.base import PRESERVES_PROGRAM, Pass, PassResult, Stage
@@ -56,16 +59,19 @@ class CudaGraphBlacklistInjection(Pass):
     must_run_after = ("hoist-host-branch-conditions",)
 
     def run(self, mp) -> PassResult:
-        program = mp.program
-        ops = list(walk_ops(program.global_block()))
+        ops = [op for program in programs_to_run(mp) for op in walk_ops(program.global_block())]
         control = Counter(op.name() for op in ops if op.name() in CONTROL_FLOW_OPS)
 
         if mp.full_cuda_graph and control:
             first = next(op for op in ops if op.name() in CONTROL_FLOW_OPS)
             where = source_location(first) or "the traced program"
             found = ", ".join(f"{n} x{c}" for n, c in sorted(control.items()))
+            which = "the program still has"
+            if mp.variants:  # a hybrid: some combinations are left to the general program
+                left = ", ".join(combination_name(c) for c in mp.specialization.general)
+                which = f"the general program, which serves {left}, has"
             raise ConfigError(
-                f"full_cuda_graph=true, but the program still has control flow ({found}; first "
+                f"full_cuda_graph=true, but {which} control flow ({found}; first "
                 f"at {where}) and a CUDA graph cannot capture it. Ways out: full_cuda_graph=false "
                 "(capture piecewise around the control flow), or pipeline=full_graph (one "
                 "if-free program per branch combination, see specialize-branches)."
@@ -92,6 +98,15 @@ class CudaGraphBlacklistInjection(Pass):
                 "flag": value,
             },
         )
+
+
+def programs_to_run(mp: ModelProgram) -> list[paddle.pir.Program]:
+    """The programs steps run: the specialised variants, and the main program unless variants
+    serve every feasible combination (then its control flow is never launched)."""
+    programs = [v.program for v in mp.variants]
+    if mp.needs_general_program():
+        programs.append(mp.program)
+    return programs
 
 
 def _current_flag() -> str:
@@ -122,7 +137,8 @@ def _host_bound_op_names(mp) -> list[str]:
 def _check_blacklisted(mp: ModelProgram) -> str | None:
     """Every control-flow op left in the program is blacklisted, in the ModelProgram and in the
     flag value handed to Paddle."""
-    left = {op.name() for op in walk_ops(mp.program.global_block())} & CONTROL_FLOW_OPS
+    left = {op.name() for program in programs_to_run(mp)
+            for op in walk_ops(program.global_block())} & CONTROL_FLOW_OPS
     missing = sorted(left - set(mp.blacklist))
     if missing:
         return f"control-flow ops not blacklisted: {', '.join(missing)}"

@@ -358,11 +358,8 @@ def _check_preconditions(pass_: Pass, mp: ModelProgram) -> None:
 
 
 def _programs_of(mp: ModelProgram) -> list[Any]:
-    """The PIR programs a ModelProgram owns (main program, host prologue)."""
-    programs = [mp.program]
-    if mp.prologue is not None:
-        programs.append(mp.prologue.program)
-    return [p for p in programs if p is not None]
+    """The PIR programs a ModelProgram owns (main program, host prologue, variants)."""
+    return mp.programs()
 
 
 # -- source-stage rollback ----------------------------------------------------------------------

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import paddle
 
 from graphopt.errors import ConfigError
-from graphopt.ir.pir_utils import op_count, program_text
+from graphopt.ir.pir_utils import op_count, program_text, run_paddle_passes
 from graphopt.passes.base import Pass, PassResult, Stage
 from graphopt.passes.registry import register_pass
 
@@ -79,12 +79,6 @@ KNOWN_PASSES = (
     "transfer_layout_pass",
     "transpose_flatten_concat_fuse_pass",
 )
-
-#: Paddle skips, silently, a pass whose own opt level exceeds the PassManager's (pass.cc:
-#: ``if (opt_level < pass->pass_info().opt_level) return true;``). A pass named in the config
-#: must run, so the PassManager gets the highest level.
-_OPT_LEVEL = 255
-
 
 @functools.cache
 def is_registered(name: str) -> bool:
@@ -146,10 +140,7 @@ class PaddleNative(Pass):
         program = mp.program
         ops_before = op_count(program, compute_only=False)
         text_before = program_text(program)
-        pm = paddle.pir.PassManager(opt_level=_OPT_LEVEL)
-        for name in self.options.passes:
-            pm.add_pass(name, {})
-        pm.run(program)
+        run_paddle_passes(program, self.options.passes)
         ops_after = op_count(program, compute_only=False)
         # Op count first (cheap); equal counts can still hide a rewrite, so compare the text.
         modified = ops_after != ops_before or program_text(program) != text_before

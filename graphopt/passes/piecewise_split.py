@@ -15,6 +15,12 @@ After: ``mp.segments`` =
 ``[captured #0 (4 ops), eager #1 pd_op.if {true: [captured #2 (2 ops)], false: []},
 captured #3 (2 ops)]``, each captured segment a standalone program. The program itself is not
 changed.
+
+After specialize-branches, every variant gets a plan of its own too (``variant.segments``). A
+variant has no control flow, so unless something in it is blacklisted its plan is one captured
+segment: one full graph per capture size. The main program is still planned, with its control
+flow cut out even under ``full_cuda_graph=true``. It serves the combinations no variant serves
+(the hybrid), and it is the piecewise baseline the report compares with.
 """
 
 from __future__ import annotations
@@ -82,21 +88,34 @@ class PiecewiseSplit(Pass):
     must_run_after = ("cudagraph-blacklist-injection",)
 
     def run(self, mp: ModelProgram) -> PassResult:
-        mp.segments = build_plan(
-            mp.program,
-            mp.blacklist,
-            mp.host_inputs,
-            recurse_into_branches=self.options.recurse_into_branches,
-            min_segment_ops=self.options.min_segment_ops,
-            placement=placement_of(mp),
-        )
-        # modified: the ModelProgram gained a plan; the program itself is unchanged
-        return PassResult(modified=True, stats=mp.segments.stats())
+        opts = {"recurse_into_branches": self.options.recurse_into_branches,
+                "min_segment_ops": self.options.min_segment_ops}
+        blacklist = list(mp.blacklist)
+        if mp.variants:
+            # With variants the main program is planned too: it serves the combinations no
+            # variant serves (the hybrid) and is the piecewise baseline the report compares
+            # with. Its control flow must never be captured, even when full_cuda_graph=true
+            # left pd_op.if off the blacklist (variants have none).
+            blacklist = sorted(set(blacklist) | {
+                op.name() for op in walk_ops(mp.program.global_block())
+                if op.name() in CONTROL_FLOW_OPS})
+        mp.segments = build_plan(mp.program, blacklist, mp.host_inputs,
+                                 placement=placement_of(mp), **opts)
+        stats = mp.segments.stats()
+        for v in mp.variants:
+            # a variant has no control flow: with nothing else blacklisted it is one captured
+            # segment, i.e. one full graph per capture size
+            v.segments = build_plan(v.program, mp.blacklist, mp.host_inputs, **opts)
+        if mp.variants:
+            stats["variants"] = {v.name: v.segments.stats() for v in mp.variants}
+        # modified: the ModelProgram gained plans; the programs themselves are unchanged
+        return PassResult(modified=True, stats=stats)
 
 
 @register_property_check("segmented")
 def _check_segmented(mp: ModelProgram) -> str | None:
-    """The plan exists, belongs to this program and covers every compute op of it."""
+    """The plan exists, belongs to this program and covers every compute op of it; so does each
+    variant's."""
     plan = mp.segments
     if plan is None:
         return "the ModelProgram has no segment plan"
@@ -105,6 +124,14 @@ def _check_segmented(mp: ModelProgram) -> str | None:
         return f"the plan counts {plan.total_compute_ops} compute ops, the program has {total}"
     if plan.inputs != list(data_ops(mp.program)):
         return "the plan's inputs are not the program's feeds"
+    for v in mp.variants:
+        if v.segments is None:
+            return f"variant {v.name} has no segment plan"
+        total = sum(1 for op in walk_ops(v.program.global_block())
+                    if op.name() not in NON_COMPUTE_OPS)
+        if v.segments.total_compute_ops != total:
+            return (f"variant {v.name}: the plan counts {v.segments.total_compute_ops} compute "
+                    f"ops, the program has {total}")
     return None
 
 

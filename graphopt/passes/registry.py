@@ -23,6 +23,7 @@ BUILTIN_MODULES = (
     "graphopt.passes.paddle_native",
     "graphopt.passes.capture_control_flow",
     "graphopt.passes.hoist_host_branch_conditions",
+    "graphopt.passes.specialize_branches",
     "graphopt.passes.cudagraph_blacklist_injection",
     "graphopt.passes.piecewise_split",
 )

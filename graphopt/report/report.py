@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from paddle.base import core
 
 from graphopt.ir.model_program import ModelProgram
-from graphopt.ir.pir_utils import CONTROL_FLOW_OPS, program_text, walk_ops
+from graphopt.ir.pir_utils import CONTROL_FLOW_OPS, op_count, program_text, walk_ops
 from graphopt.passes.base import PassRecord
 from graphopt.report.picture import draw_plan
 from graphopt.report.rundir import pending_temp
@@ -62,6 +62,16 @@ class Report:
     warnings: list[str]
     verified: bool
     verify_message: str
+    #: with variants: the variant (or "general") each numerics batch kind was dispatched to
+    numerics_dispatched: dict[str, str] = field(default_factory=dict)
+    #: specialize-branches' variants (None: not specialised): name, label, conditions, kinds,
+    #: ops, segments, captured_graphs, dispatch counts per size, dropped graphs
+    variants: list[dict[str, Any]] | None = None
+    #: the host conditions, which combinations can occur, which were left out and why
+    specialization: dict[str, Any] | None = None
+    #: graphs to capture (captured segments x capture sizes; variants vs the piecewise plan)
+    #: and static input-buffer bytes per capture size (None: no plan)
+    capture_plan: dict[str, Any] | None = None
     artifacts: dict[str, str] = field(default_factory=dict)
     time_s: float = 0.0
     #: verify.bisect=true on a mismatch: the checks after each program pass and the culprit
@@ -119,6 +129,12 @@ def build_report(cfg: Any, pipeline: dict[str, Any], mp: ModelProgram,
         verified=True,
         verify_message="ok",
     )
+    sizes = [int(x) for x in cfg.runtime.cudagraph_capture_sizes]
+    report.capture_plan = capture_plan(mp, sizes, replay)
+    if mp.specialization is not None:
+        report.specialization = mp.specialization.to_dict()
+        report.numerics_dispatched = dict(numerics.dispatched)
+        report.variants = variant_entries(mp, replay)
     bad = [k for k, v in numerics.optimized.items() if not v <= atol]
     if replay.mismatches:
         report.verified = False
@@ -135,6 +151,55 @@ def build_report(cfg: Any, pipeline: dict[str, Any], mp: ModelProgram,
     return report
 
 
+def variant_entries(mp: ModelProgram, replay: Replay) -> list[dict[str, Any]]:
+    """One entry per variant: what it is, how big, how it was captured and dispatched during
+    the replay check (the general program too, in the hybrid)."""
+    targets = replay.stats.get("targets", {})
+    dispatch = replay.stats.get("dispatch", [])
+    out = []
+    for v in mp.variants:
+        t = targets.get(v.name, {})
+        out.append({
+            **v.to_dict(),
+            "ops": op_count(v.program),
+            "segments": None if v.segments is None else {
+                "captured": len(v.segments.captured), "eager": len(v.segments.eager)},
+            "captured_graphs": t.get("captured_graphs", 0),
+            "graph_sizes": t.get("graph_sizes", []),
+            "dropped_graphs": t.get("dropped_graphs", []),
+            "dispatch": {str(d["size"]): d["steps"] for d in dispatch if d["target"] == v.name},
+        })
+    return out
+
+
+def capture_plan(mp: ModelProgram, sizes: list[int], replay: Replay) -> dict[str, Any] | None:
+    """Graphs a deployment captures (one per captured segment and capture size) for what
+    runs: the variants (plus the general program in the hybrid), else the piecewise plan; the
+    piecewise count is always given, to compare with. Static input-buffer bytes are measured
+    on the graphs the replay check captured (per size, and per target and size): traced
+    programs carry the trace batch's shapes, so they cannot be estimated from the program."""
+    if mp.segments is None:
+        return None
+    plans = [v.segments for v in mp.variants if v.segments is not None]
+    if not mp.variants or mp.needs_general_program():
+        plans.append(mp.segments)
+    per_size = sum(len(p.captured) for p in plans)
+    return {
+        "capture_sizes": list(sizes),
+        "graphs_to_capture": per_size * len(sizes),
+        "graphs_to_capture_piecewise": len(mp.segments.captured) * len(sizes),
+        "variants": len(mp.variants),
+        "static_input_bytes": {
+            str(k): v for k, v in replay.stats.get("static_input_bytes", {}).items()},
+        "static_input_bytes_per_graph": {
+            name: {str(k): v for k, v in t.get("static_input_bytes", {}).items()}
+            for name, t in replay.stats.get("targets", {}).items()},
+        "sizes_not_captured": [s for s in sizes
+                               if str(s) not in {str(k) for k in
+                                                 replay.stats.get("static_input_bytes", {})}],
+    }
+
+
 def write_atomic(path: Path, text: str | bytes) -> None:
     """Write via a temp file + rename (mode 0644), so a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +213,8 @@ def write_atomic(path: Path, text: str | bytes) -> None:
 
 def write_artifacts(mp: ModelProgram, cfg: Any, pipeline: dict[str, Any],
                     run_dir: Path) -> dict[str, str]:
-    """Program text, Paddle's serialized program, prologue, plan + picture, flags, pipeline."""
+    """Program text, Paddle's serialized program, prologue, plan + picture, variant programs,
+    flags, pipeline."""
     out: dict[str, str] = {}
     write_atomic(run_dir / "pipeline.yaml", OmegaConf.to_yaml(OmegaConf.create(
         {"model": str(cfg.model.name), "full_cuda_graph": bool(cfg.full_cuda_graph),
@@ -176,6 +242,11 @@ def write_artifacts(mp: ModelProgram, cfg: Any, pipeline: dict[str, Any],
                 os.replace(tmp, run_dir / f"segments.{suffix}")
         out["segments_picture"] = "segments.svg"
         out["segments_picture_png"] = "segments.png"
+    for i, v in enumerate(mp.variants):
+        write_atomic(run_dir / "variants" / f"{i}.txt",
+                     f"// variant {v.name}" + (f": {v.label}" if v.label else "") + "\n"
+                     + program_text(v.program) + "\n")
+        out["variant_programs"] = "variants/"
     if mp.flags:
         write_atomic(run_dir / "flags.env",
                      "".join(f"export {k}={v}\n" for k, v in sorted(mp.flags.items())))
@@ -214,7 +285,19 @@ def summary(r: Report, verdict: bool = True) -> str:
         f"blacklist: {','.join(r.blacklist) or '(empty)'}",
     ]
     seg = r.segments
-    if seg:
+    if r.variants is not None:
+        spec = r.specialization or {}
+        lines.append(f"variants: {len(r.variants)} if-free ("
+                     + "; ".join(f"{v['name']} [{','.join(v['kinds']) or '-'}] {v['ops']} ops"
+                                 for v in r.variants)
+                     + f"); unreachable: {', '.join(spec.get('unreachable', [])) or 'none'}"
+                     + (f"; general program for: {', '.join(spec['general'])}"
+                        if spec.get("general") else ""))
+        plan = r.capture_plan or {}
+        if plan:
+            lines.append(f"graphs to capture: {plan['graphs_to_capture']} (piecewise: "
+                         f"{plan['graphs_to_capture_piecewise']})")
+    elif seg:
         lines.append(f"segments: {seg['captured']} captured, {seg['eager']} eager, "
                      f"capture coverage {seg['coverage']:.4f}")
     num = ", ".join(f"{k} {v:.1e}" for k, v in r.numerics.items())
@@ -225,6 +308,10 @@ def summary(r: Report, verdict: bool = True) -> str:
                      f" (max abs err {rp.get('max_abs_err', 0):.1e})")
     elif rp.get("skipped"):
         lines.append(f"replay: skipped ({rp['skipped']})")
+    for d in rp.get("stats", {}).get("dropped_graphs", []):
+        where = f"{d['target']} " if "target" in d else ""
+        lines.append(f"checked capture dropped: {where}segment {d['segment']} at size "
+                     f"{d['size']} (max abs err {d['max_abs_err']:.3g}); it runs uncaptured")
     lines.extend(f"warning: {w}" for w in r.warnings)
     if verdict or r.verified:
         lines.append("verified" if r.verified else "VERIFY FAILED: " + r.verify_message)

@@ -54,6 +54,7 @@ class CaptureBackend(ABC):
 
     def __init__(self, params: Mapping[str, np.ndarray]) -> None:
         self.params = params
+        self._uncaptured: dict[int, ProgramRunner] = {}
 
     @abstractmethod
     def warmup(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> None:
@@ -66,6 +67,14 @@ class CaptureBackend(ABC):
     @abstractmethod
     def replay(self, graph: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Copy `feeds` into the graph's static inputs, replay, return the live-out values."""
+
+    def run_uncaptured(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the segment as a plain program (no graph): the reference a checked capture is
+        compared with, and how a dropped graph's segment runs from then on."""
+        runner = self._uncaptured.get(seg.id)
+        if runner is None:
+            runner = self._uncaptured[seg.id] = ProgramRunner(seg.program, self.params)
+        return runner.run(feeds)
 
 
 # -- CPU replay emulator -----------------------------------------------------------------------
@@ -166,6 +175,10 @@ class EmulatorBackend(CaptureBackend):
             outs[i] = np.array(graph.frozen[name], copy=True)
         return outs
 
+    def run_uncaptured(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        em = self._seg(seg)
+        return em.capture_runner.run(feeds)[: em.n_out]
+
 
 def _copy_into_static(static: dict[str, np.ndarray], feeds: Mapping[str, np.ndarray],
                       seg_id: int) -> None:
@@ -246,6 +259,10 @@ class CudaGraphBackend(CaptureBackend):
         cuda_graph.replay()
         return [np.array(o) for o in outs]
 
+    def run_uncaptured(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        self._write_inputs(seg, feeds)
+        return [np.array(o) for o in self._run(seg)]
+
 
 # -- orchestration ---------------------------------------------------------------------------------
 def make_backend(name: str, params: Mapping[str, np.ndarray]) -> CaptureBackend | None:
@@ -268,6 +285,12 @@ class CaptureStats:
     warmup_runs: int = 0
     eager_fallbacks: int = 0
     fallback_reasons: dict[str, int] = field(default_factory=dict)
+    #: checked captures: graphs compared with an uncaptured run right after capture
+    checked_graphs: int = 0
+    #: graphs that differed: ``{"segment", "size", "max_abs_err"}``; they run uncaptured now
+    dropped_graphs: list[dict[str, Any]] = field(default_factory=list)
+    #: runs of a segment whose graph was dropped
+    uncaptured_runs: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -276,29 +299,62 @@ class CaptureStats:
             "warmup_runs": self.warmup_runs,
             "eager_fallbacks": self.eager_fallbacks,
             "fallback_reasons": dict(self.fallback_reasons),
+            "checked_graphs": self.checked_graphs,
+            "dropped_graphs": [dict(d) for d in self.dropped_graphs],
+            "uncaptured_runs": self.uncaptured_runs,
         }
+
+
+def capture_size_for(sizes: list[int], num_tokens: int) -> int | None:
+    """The smallest of the (sorted) capture `sizes` that holds `num_tokens`; None if none."""
+    for s in sizes:
+        if s >= num_tokens:
+            return s
+    return None
+
+
+def check_capture_sizes(capture_sizes: list[int]) -> list[int]:
+    """The capture sizes, sorted and unique; ConfigError unless all are positive integers."""
+    sizes = sorted({int(s) for s in capture_sizes})
+    if not sizes or sizes[0] < 1:
+        raise ConfigError(f"cudagraph_capture_sizes must be positive integers, got {capture_sizes}")
+    return sizes
 
 
 class CaptureManager:
     """One graph per (segment id, capture size): warm up, capture, replay; and the choice of a
-    capture size for a batch (the smallest that fits; none fits -> eager fallback)."""
+    capture size for a batch (the smallest that fits; none fits -> eager fallback).
 
-    def __init__(self, backend: CaptureBackend, capture_sizes: list[int], num_warmups: int) -> None:
-        sizes = sorted({int(s) for s in capture_sizes})
-        if not sizes or sizes[0] < 1:
-            raise ConfigError(f"cudagraph_capture_sizes must be positive integers, got {capture_sizes}")
+    With `check` (``runtime.check_captures``), each new graph is replayed once on the batch it
+    was captured with and compared with an uncaptured run of its segment. A graph off by more
+    than `check_atol` is dropped, and that (segment, size) runs uncaptured from then on. Its
+    error is in ``stats.dropped_graphs``.
+    """
+
+    def __init__(self, backend: CaptureBackend, capture_sizes: list[int], num_warmups: int,
+                 *, check: bool = False, check_atol: float = 1e-4) -> None:
         self.backend = backend
-        self.sizes = sizes
+        self.sizes = check_capture_sizes(capture_sizes)
         self.num_warmups = max(0, int(num_warmups))
+        self.check = bool(check)
+        self.check_atol = float(check_atol)
         self.graphs: dict[tuple[int, int], Any] = {}
+        #: (segment id, size) -> max abs error of a dropped graph
+        self.dropped: dict[tuple[int, int], float] = {}
+        #: (segment id, size) -> bytes of the inputs copied into the graph's static buffers
+        self.input_bytes: dict[tuple[int, int], int] = {}
         self.stats = CaptureStats()
 
     def size_for(self, num_tokens: int) -> int | None:
         """The capture size a batch of `num_tokens` is padded to; None if it is too big."""
-        for s in self.sizes:
-            if s >= num_tokens:
-                return s
-        return None
+        return capture_size_for(self.sizes, num_tokens)
+
+    def static_input_bytes(self) -> dict[int, int]:
+        """Capture size -> bytes of static input buffers held by the graphs of that size."""
+        out: dict[int, int] = {}
+        for (_, size), n in sorted(self.input_bytes.items()):
+            out[size] = out.get(size, 0) + n
+        return out
 
     def note_fallback(self, reason: str) -> None:
         """Count (and log) a step that runs eagerly instead of replaying graphs."""
@@ -311,15 +367,62 @@ class CaptureManager:
     def run(self, seg: Segment, size: int, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run captured segment `seg` at capture size `size` (capturing it the first time)."""
         key = (seg.id, size)
+        if key in self.dropped:
+            self.stats.uncaptured_runs += 1
+            return self.backend.run_uncaptured(seg, feeds)
         graph = self.graphs.get(key)
         if graph is None:
             for _ in range(self.num_warmups):
                 self.backend.warmup(seg, feeds)
                 self.stats.warmup_runs += 1
-            graph = self.graphs[key] = self.backend.capture(seg, size, feeds)
+            graph = self.backend.capture(seg, size, feeds)
             self.stats.graphs_captured += 1
+            self.input_bytes[key] = sum(np.asarray(feeds[n]).nbytes for n in seg.feed_names)
             log.debug("captured segment %d at size %d", seg.id, size)
+            if self.check:
+                return self._checked_first_replay(seg, size, graph, feeds)
+            self.graphs[key] = graph
         # on a GPU a captured graph has not run yet: every result comes from a replay
         outs = self.backend.replay(graph, feeds)
         self.stats.replays += 1
         return outs
+
+    def _checked_first_replay(self, seg: Segment, size: int, graph: Any,
+                              feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Replay a new graph on its capture batch and keep it only if it equals the
+        uncaptured run of its segment; return the (trusted) outputs."""
+        outs = self.backend.replay(graph, feeds)
+        self.stats.replays += 1
+        want = self.backend.run_uncaptured(seg, feeds)
+        self.stats.checked_graphs += 1
+        err = _max_abs_err(outs, want)
+        if err <= self.check_atol:
+            self.graphs[(seg.id, size)] = graph
+            return outs
+        self.dropped[(seg.id, size)] = err
+        self.stats.dropped_graphs.append({"segment": seg.id, "size": size, "max_abs_err": err})
+        log.warning("captured graph of segment %d at size %d differs from its uncaptured run "
+                    "(max abs err %.3g > %g): dropped, it runs uncaptured from now on",
+                    seg.id, size, err, self.check_atol)
+        return want
+
+
+def _max_abs_err(got: list[Any], want: list[Any]) -> float:
+    """Largest absolute difference over paired outputs; inf for a missing or reshaped output or
+    a NaN where the other run has none (a check must never pass a graph it cannot compare)."""
+    if len(got) != len(want):
+        return float("inf")
+    err = 0.0
+    for a, b in zip(got, want, strict=True):
+        if a is None or b is None:
+            return float("inf")
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if a.shape != b.shape:
+            return float("inf")
+        if not a.size or np.array_equal(a, b, equal_nan=True):
+            continue
+        diff = np.abs(a - b)
+        if np.isnan(diff).any():
+            return float("inf")
+        err = max(err, float(diff.max()))
+    return err

@@ -176,8 +176,10 @@ class StepExecutor:
     """Runs one decoder step of a segmented ModelProgram (see the module docstring).
 
     ``backend``: ``emulator`` (CPU replay emulator), ``cuda`` (CUDA graphs; CUDA builds only) or
-    ``none`` (segments run uncaptured, no padding). ``stats()`` returns the counters: graphs
-    captured, replays, warm-up runs, eager fallbacks (+ reasons), steps, eager segment runs.
+    ``none`` (segments run uncaptured, no padding). ``check_captures``: compare each new graph
+    with an uncaptured run and drop it if it differs (see CaptureManager). ``stats()`` returns
+    the counters: graphs captured, replays, warm-up runs, eager fallbacks (+ reasons), steps,
+    eager segment runs.
     """
 
     def __init__(
@@ -186,6 +188,9 @@ class StepExecutor:
         backend: str = "emulator",
         capture_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
         num_warmups: int = 1,
+        *,
+        check_captures: bool = False,
+        check_atol: float = 1e-4,
     ) -> None:
         if backend not in BACKENDS:
             raise ConfigError(f"unknown runtime backend {backend!r}: choose one of "
@@ -197,7 +202,8 @@ class StepExecutor:
         self.plan: SegmentPlan = mp.segments
         self.feeds = StepInputs(mp)
         backend_obj = make_backend(backend, mp.params)
-        self.capture = (CaptureManager(backend_obj, list(capture_sizes), num_warmups)
+        self.capture = (CaptureManager(backend_obj, list(capture_sizes), num_warmups,
+                                       check=check_captures, check_atol=check_atol)
                         if backend_obj is not None else None)
         self._eager_runners: dict[int, ProgramRunner] = {}
         self._whole: WholeProgramStep | None = None
@@ -266,6 +272,7 @@ class StepExecutor:
         if self.capture is not None:
             out.update(self.capture.stats.to_dict())
             out["capture_sizes"] = list(self.capture.sizes)
+            out["static_input_bytes"] = self.capture.static_input_bytes()
         else:
             out.update({"graphs_captured": 0, "replays": 0, "warmup_runs": 0,
                         "eager_fallbacks": 0})
