@@ -21,7 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from graphopt.errors import ConfigError
-from graphopt.models import check_builder
+from graphopt.models import check_builder, check_model
 from graphopt.models.deepseek_v3.config import DeepseekV3Node
 from graphopt.models.tiny import TinyNode
 from graphopt.passes.manager import PassManager
@@ -81,6 +81,9 @@ class VerifyConfig:
     replay_atol: float = 1e-4
     #: exit 1 when the optimized step differs from eager
     fail_on_mismatch: bool = True
+    #: on a mismatch, rerun with a numeric check after each program pass and name the first
+    #: pass that broke the step (IR before/after in <run_dir>/bisect/)
+    bisect: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -117,6 +120,8 @@ class GraphoptConfig:
     verify_each: bool = True
     #: print every registered pass with its options, then exit
     list_passes: bool = False
+    #: run into a run directory that already holds a finished run's report.json (replacing it)
+    overwrite: bool = False
 
 
 def register_configs() -> None:
@@ -167,6 +172,7 @@ def validate(cfg: DictConfig) -> PassManager:
     _unknown_keys(cfg)
     typed(cfg)
     check_builder(cfg.model)
+    check_model(cfg.model)
     if cfg.runtime.backend == Backend.cuda.value and not paddle.is_compiled_with_cuda():
         raise ConfigError("runtime.backend=cuda needs a CUDA build of Paddle (paddlepaddle-gpu "
                           "3.3); this Paddle is CPU-only: use runtime=cpu (the replay emulator)")

@@ -9,10 +9,14 @@ compares one step per trace cannot see a program that reads stale host values):
 * replay: ``verify.steps`` random steps through the capture backend (the CPU replay emulator or
   CUDA graphs): capture once per (segment or variant, size), replay after, every output
   compared.
+
+``verify.bisect=true`` adds :class:`NumericsInstrument`: on a rerun, the step is compared with
+eager after every program pass, and the first pass that makes it differ is named.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +24,10 @@ import numpy as np
 import paddle
 
 from graphopt.ir.model_program import ModelProgram
+from graphopt.ir.pir_utils import program_text
 from graphopt.models.base import BATCH_KINDS
+from graphopt.passes.base import Pass, PassResult, Stage
+from graphopt.passes.instruments import PassInstrument
 from graphopt.runtime.step import StepExecutor, WholeProgramStep
 from graphopt.runtime.variants import VariantStepExecutor
 
@@ -140,3 +147,94 @@ def check_replay(mp: ModelProgram, rng: np.random.Generator, *, backend: str, st
     out.kinds = {k: kinds.count(k) for k in BATCH_KINDS if k in kinds}
     out.stats = executor.stats()
     return out
+
+
+# -- bisect -------------------------------------------------------------------------------------
+
+
+@dataclass
+class BisectResult:
+    """Which program pass first made the step differ from eager (``verify.bisect=true``)."""
+
+    #: max abs error per batch kind after each checked point: ``[{"after", "errors"}]``; the
+    #: first point is the traced input program (``after: "trace"``)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    #: the first pass whose output differs from eager (None: none did; "trace": its input)
+    culprit: str | None = None
+    #: files with the IR just before and just after the culprit, relative to the run dir
+    ir_before: str | None = None
+    ir_after: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def message(self, replay_note: str = "") -> str:
+        """One line for the terminal."""
+        if self.culprit is None:
+            return ("bisect: every program pass left the numerics equal to eager (uncaptured)"
+                    + (f"; {replay_note}" if replay_note else ""))
+        if self.culprit == "trace":
+            return "bisect: the traced program already differs from eager, before any pass"
+        err = max(self.checks[-1]["errors"].values()) if self.checks else float("nan")
+        return (f"bisect: pass '{self.culprit}' is the first to make the step differ from eager "
+                f"(max abs err {err:.3g}); IR before/after: {self.ir_before}, {self.ir_after}")
+
+
+def step_errors(mp: ModelProgram, seed: int) -> dict[str, float]:
+    """Max abs error per batch kind, `mp`'s program (its segments and variants too, if any)
+    vs eager.
+
+    Nothing is committed to the model's caches and the batches come from their own generator,
+    so a check changes nothing that a later verification sees.
+    """
+    rng = np.random.default_rng(seed)
+    bundle = mp.model
+    runners: list[Any] = [WholeProgramStep(mp)]
+    if mp.segments is not None:
+        runners.append(StepExecutor(mp, backend="none", capture_sizes=[1], num_warmups=0))
+    if mp.variants:
+        runners.append(VariantStepExecutor(mp, backend="none", capture_sizes=[1],
+                                           num_warmups=0))
+    out: dict[str, float] = {}
+    for kind in BATCH_KINDS:
+        batch = bundle.random_batch(rng, kind)
+        eager = bundle.step(batch, commit=False)
+        out[kind] = max(max_abs_err(r.run(batch), eager) for r in runners)
+    return out
+
+
+class NumericsInstrument(PassInstrument):
+    """After each program pass, the step vs eager; remembers the first pass that broke it.
+
+    ``write(name, text)`` saves an IR dump (the caller decides where); the culprit's IR before
+    and after are saved as ``<index>_<pass>.before.txt`` / ``.after.txt``.
+    """
+
+    def __init__(self, atol: float, seed: int, write: Callable[[str, str], str]) -> None:
+        self.atol = atol
+        self.seed = seed
+        self.write = write
+        self.result = BisectResult()
+        self._before: str | None = None
+
+    def _check(self, label: str, mp: ModelProgram) -> bool:
+        errors = step_errors(mp, self.seed)
+        self.result.checks.append({"after": label, "errors": errors})
+        return max(errors.values()) > self.atol
+
+    def before_pass(self, pass_: Pass, mp: ModelProgram, index: int) -> None:
+        if pass_.stage is not Stage.PROGRAM or mp.program is None:
+            return
+        if not self.result.checks and self._check("trace", mp) and self.result.culprit is None:
+            self.result.culprit = "trace"
+        self._before = program_text(mp.program)
+
+    def after_pass(self, pass_: Pass, mp: ModelProgram, index: int, result: PassResult) -> None:
+        if pass_.stage is not Stage.PROGRAM or mp.program is None:
+            return
+        bad = self._check(pass_.name, mp)
+        if bad and self.result.culprit is None:
+            self.result.culprit = pass_.name
+            stem = f"{index:03d}_{pass_.name}"
+            self.result.ir_before = self.write(f"{stem}.before.txt", self._before or "")
+            self.result.ir_after = self.write(f"{stem}.after.txt", program_text(mp.program))

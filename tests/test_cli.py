@@ -121,6 +121,13 @@ def test_cli_end_to_end_tiny_writes_report(tmp_path):
         "cudagraph-blacklist-injection", "piecewise-split"]
     assert report["verified"] is True
     assert (tmp_path / "ir").is_dir() and any((tmp_path / "ir").iterdir())
+    # the last line says where and how long; cli.log holds the run's log; modes are 0644
+    assert r.stdout.strip().splitlines()[-1].startswith(f"graphopt: run directory {tmp_path}")
+    log = (tmp_path / "cli.log").read_text()
+    assert "graphopt: model=tiny" in log and "phase replay" in log and "verified" in log
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in tmp_path.rglob("*") if p.is_file())
+    assert not (tmp_path / ".graphopt.lock").exists()
+    assert "⠋" not in r.stdout and "✓" not in r.stdout  # no progress when not a terminal
 
 
 def test_sweep_runs_every_job_and_reports(tmp_path):

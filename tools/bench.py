@@ -178,4 +178,7 @@ def _plot(out: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        sys.exit(0)
     run(sys.argv[1:])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -71,6 +72,25 @@ def check_builder(node: Any) -> None:
         raise ConfigError(f"model._target_={path!r}: no such function (give module.function)")
 
 
+def check_model(node: Any) -> None:
+    """Run the family's cheap config check, if its builder's module has one (``check(**keys)``:
+    reads and validates config files, builds nothing), so a bad model config fails before any
+    model is built."""
+    path = builder_path(node)
+    module_name = path.rsplit(".", 1)[0]
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:
+        return  # check_builder reports an unimportable builder
+    check = getattr(module, "check", None)
+    if not callable(check):
+        return
+    keys = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) \
+        else dict(node)
+    keys = {k: v for k, v in keys.items() if k not in ("_target_", "family")}
+    check(**keys)
+
+
 def build_model(node: Any) -> ModelBundle:
     """Build the ModelBundle a ``model`` config node describes."""
     path = builder_path(node)
@@ -92,3 +112,18 @@ def build_model(node: Any) -> ModelBundle:
         raise ConfigError(f"model._target_={path!r} returned {type(bundle).__name__}, "
                           "expected a graphopt.models.ModelBundle")
     return bundle
+
+
+def save_model(node: Any, out_dir: str | Path) -> list[Path]:
+    """Build the model a ``model`` node describes and write it in its family's own checkpoint
+    format (DeepSeek-V3: HF ``config.json`` + ``model.safetensors``); return the files.
+
+    A family whose builder module has no ``save(bundle, out_dir)`` cannot be exported.
+    """
+    path = builder_path(node)
+    module = importlib.import_module(path.rsplit(".", 1)[0])
+    save = getattr(module, "save", None)
+    if not callable(save):
+        raise ConfigError(f"model {node.get('name')!r} ({path}) has no checkpoint format to "
+                          "export to (its module has no save(bundle, out_dir))")
+    return list(save(build_model(node), out_dir))

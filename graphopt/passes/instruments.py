@@ -18,6 +18,7 @@ Timing and statistics are recorded by the PassManager itself into
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,12 @@ class IRDumpInstrument(PassInstrument):
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / filename
         text = "".join(f"// {h}\n" for h in header) + body
-        path.write_text(text if text.endswith("\n") else text + "\n")
+        # temp + rename: an interrupted run leaves no half-written dump (and the command line's
+        # interrupt handler removes the `.*.tmp` file)
+        tmp = self.dir / f".{filename}.tmp"
+        tmp.write_text(text if text.endswith("\n") else text + "\n")
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
         self.written.append(path)
 
     def _body(self, pass_: Pass, mp: ModelProgram) -> str:

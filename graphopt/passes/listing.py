@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 
@@ -64,9 +65,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(describe_passes(args.names))
+        sys.stdout.flush()
     except ConfigError as e:
         print(f"graphopt-passes: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `graphopt-passes | head`: the reader has what it wanted. Point stdout at /dev/null so
+        # the flush at exit does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     return 0
 
 

@@ -21,6 +21,7 @@ from graphopt.ir.model_program import ModelProgram
 from graphopt.ir.pir_utils import CONTROL_FLOW_OPS, op_count, program_text, walk_ops
 from graphopt.passes.base import PassRecord
 from graphopt.report.picture import draw_plan
+from graphopt.report.rundir import pending_temp
 from graphopt.verification import Numerics, Replay
 
 #: bumped when a key changes meaning or goes away
@@ -73,6 +74,8 @@ class Report:
     capture_plan: dict[str, Any] | None = None
     artifacts: dict[str, str] = field(default_factory=dict)
     time_s: float = 0.0
+    #: verify.bisect=true on a mismatch: the checks after each program pass and the culprit
+    bisect: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,14 +204,11 @@ def write_atomic(path: Path, text: str | bytes) -> None:
     """Write via a temp file + rename (mode 0644), so a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
+    with pending_temp(tmp):  # an interrupt removes it (graphopt.report.rundir)
         with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_artifacts(mp: ModelProgram, cfg: Any, pipeline: dict[str, Any],
@@ -223,10 +223,10 @@ def write_artifacts(mp: ModelProgram, cfg: Any, pipeline: dict[str, Any],
     if mp.program is not None:
         write_atomic(run_dir / "program.txt", program_text(mp.program) + "\n")
         out["program_text"] = "program.txt"
-        tmp = run_dir / ".program.json.tmp"
-        core.serialize_pir_program(mp.program, str(tmp), True, True, False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, run_dir / "program.json")
+        with pending_temp(run_dir / ".program.json.tmp") as tmp:
+            core.serialize_pir_program(mp.program, str(tmp), True, True, False)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, run_dir / "program.json")
         out["program_paddle"] = "program.json"
     if mp.prologue is not None:
         write_atomic(run_dir / "prologue.txt", program_text(mp.prologue.program) + "\n")
@@ -235,10 +235,11 @@ def write_artifacts(mp: ModelProgram, cfg: Any, pipeline: dict[str, Any],
         write_atomic(run_dir / "segments.json", mp.segments.dumps())
         out["segments"] = "segments.json"
         for suffix in ("svg", "png"):
-            tmp = run_dir / f".segments.tmp.{suffix}"
-            draw_plan(mp.segments, tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, run_dir / f"segments.{suffix}")
+            with pending_temp(run_dir / f".segments.tmp.{suffix}") as tmp:
+                draw_plan(mp.segments, tmp, prologue=mp.prologue,
+                          num_layers=_num_layers(mp))
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, run_dir / f"segments.{suffix}")
         out["segments_picture"] = "segments.svg"
         out["segments_picture_png"] = "segments.png"
     for i, v in enumerate(mp.variants):
@@ -253,13 +254,26 @@ def write_artifacts(mp: ModelProgram, cfg: Any, pipeline: dict[str, Any],
     return out
 
 
+def _num_layers(mp: ModelProgram) -> int | None:
+    """The model's decoder layer count, if its config says (for the picture's layer rows)."""
+    config = mp.model.config
+    n = getattr(config, "num_hidden_layers", None)
+    if n is None and isinstance(config, dict):
+        n = config.get("num_hidden_layers")
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
 def write_report(report: Report, run_dir: Path) -> None:
     """report.json, atomically."""
     write_atomic(run_dir / "report.json", json.dumps(report.to_dict(), indent=2, default=str) + "\n")
 
 
-def summary(r: Report) -> str:
-    """A few lines for the terminal: breaks, hazards, blacklist, segments, numerics, replay."""
+def summary(r: Report, verdict: bool = True) -> str:
+    """A few lines for the terminal: breaks, hazards, blacklist, segments, numerics, replay.
+
+    Without `verdict` the last line (verified / VERIFY FAILED) is left out: the caller raises
+    the failure, and the command line prints it once, on stderr.
+    """
     first, last = r.traces[0], r.traces[-1]
     hz = r.hazards
     lines = [
@@ -299,5 +313,6 @@ def summary(r: Report) -> str:
         lines.append(f"checked capture dropped: {where}segment {d['segment']} at size "
                      f"{d['size']} (max abs err {d['max_abs_err']:.3g}); it runs uncaptured")
     lines.extend(f"warning: {w}" for w in r.warnings)
-    lines.append("verified" if r.verified else "VERIFY FAILED: " + r.verify_message)
+    if verdict or r.verified:
+        lines.append("verified" if r.verified else "VERIFY FAILED: " + r.verify_message)
     return "\n".join(lines)

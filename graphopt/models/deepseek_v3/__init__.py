@@ -7,6 +7,8 @@ weights (:mod:`.weights`), forward meta and batch builders (:mod:`.batch`).
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from graphopt.models.base import ModelBundle, file_provenance
@@ -15,16 +17,27 @@ from graphopt.models.deepseek_v3.config import (
     DeepseekV3Config,
     DeepseekV3Node,
     resolve_config,
+    write_hf_config,
 )
 from graphopt.models.deepseek_v3.modeling import (
     DeepseekV3ForCausalLM,
     DeepseekV3MLAAttention,
     set_branch_flags,
 )
-from graphopt.models.deepseek_v3.weights import init_random_weights, load_hf_safetensors
+from graphopt.models.deepseek_v3.weights import (
+    init_random_weights,
+    load_hf_safetensors,
+    save_hf_safetensors,
+)
 from graphopt.models.slots import slot_model_bundle
 
-__all__ = ["DeepseekV3Config", "DeepseekV3ForCausalLM", "DeepseekV3MLAAttention", "DeepseekV3Node", "build"]
+__all__ = ["DeepseekV3Config", "DeepseekV3ForCausalLM", "DeepseekV3MLAAttention", "DeepseekV3Node", "build",
+           "check", "save"]
+
+
+def check(**node: Any) -> None:
+    """Validate the ``model`` node's config (config.json and overrides) without building."""
+    resolve_config(node)
 
 
 def build(**node: Any) -> ModelBundle:
@@ -46,3 +59,25 @@ def build(**node: Any) -> ModelBundle:
         else {"random": True, "seed": node.get("seed") or 0},
     }
     return bundle
+
+
+def save(bundle: ModelBundle, out_dir: str | Path) -> list[Path]:
+    """Write `bundle` as a HF checkpoint: ``config.json`` + ``model.safetensors`` in `out_dir`.
+
+    Reading both back (``model.config_json=<dir>/config.json model.weights=<dir>``) builds the
+    same model. Each file is written to a temp name and renamed, so no half-written file is left.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, write in (("config.json", lambda p: write_hf_config(bundle.config, p)),
+                        ("model.safetensors", lambda p: save_hf_safetensors(bundle.layer, p))):
+        tmp = out / f".{name}.tmp"
+        try:
+            write(tmp)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, out / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+        written.append(out / name)
+    return written

@@ -118,15 +118,20 @@ def _is_mtp_tensor(name: str, num_layers: int, num_mtp: int) -> bool:
     return idx.isdigit() and num_layers <= int(idx) < num_layers + num_mtp
 
 
-def _open_all(files: list[Path]) -> Iterator[tuple[Path, str, tuple[int, ...]]]:
-    """(file, tensor name, shape) for every tensor, reading headers only."""
+#: safetensors dtypes a float32 parameter is loaded from (others would be silently converted)
+FLOAT_DTYPES = ("F16", "F32", "F64")
+
+
+def _open_all(files: list[Path]) -> Iterator[tuple[Path, str, tuple[int, ...], str]]:
+    """(file, tensor name, shape, safetensors dtype) for every tensor, reading headers only."""
     from safetensors import SafetensorError, safe_open
 
     for f in files:
         try:
             with safe_open(str(f), framework="numpy") as handle:
                 for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                    yield f, key, tuple(handle.get_slice(key).get_shape())
+                    part = handle.get_slice(key)
+                    yield f, key, tuple(part.get_shape()), str(part.get_dtype())
         except (SafetensorError, OSError) as e:
             raise ConfigError(
                 f"model.weights {str(f)!r}: not a readable safetensors file ({e})"
@@ -149,7 +154,8 @@ def load_hf_safetensors(layer: DeepseekV3ForCausalLM, path: str | Path) -> None:
     where: dict[str, Path] = {}
     unexpected: list[str] = []
     misshaped: list[str] = []
-    for f, key, shape in _open_all(_checkpoint_files(path)):
+    wrong_dtype: list[str] = []
+    for f, key, shape, dtype in _open_all(_checkpoint_files(path)):
         if key not in expected:
             if not _is_mtp_tensor(key, num_layers, num_mtp):
                 unexpected.append(key)
@@ -157,6 +163,8 @@ def load_hf_safetensors(layer: DeepseekV3ForCausalLM, path: str | Path) -> None:
         where[key] = f
         if shape != expected[key].hf_shape:
             misshaped.append(f"{key} {list(shape)} != {list(expected[key].hf_shape)}")
+        if dtype not in FLOAT_DTYPES:
+            wrong_dtype.append(f"{key} {dtype}")
     missing = [k for k in expected if k not in where]
     problems = [
         _listing(names, what)
@@ -164,6 +172,7 @@ def load_hf_safetensors(layer: DeepseekV3ForCausalLM, path: str | Path) -> None:
             (missing, "missing"),
             (unexpected, "unexpected"),
             (misshaped, "mis-shaped (got != expected)"),
+            (wrong_dtype, f"not floating point (expected one of {', '.join(FLOAT_DTYPES)})"),
         )
         if names
     ]
