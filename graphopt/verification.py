@@ -22,16 +22,22 @@ from graphopt.models.base import BATCH_KINDS
 from graphopt.runtime.step import StepExecutor, WholeProgramStep
 
 
-def max_abs_err(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    """Largest absolute difference over paired arrays (inf when shapes differ)."""
+def max_abs_err(a: list[Any], b: list[Any]) -> float:
+    """Largest absolute difference over paired tensors or arrays (inf when shapes differ)."""
     err = 0.0
     for x, y in zip(a, b, strict=True):
-        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        x, y = _array(x), _array(y)
         if x.shape != y.shape:
             return float("inf")
         if x.size:
             err = max(err, float(np.max(np.abs(x - y))))
     return err
+
+
+def _array(x: Any) -> np.ndarray:
+    if isinstance(x, paddle.Tensor):
+        x = x.numpy()
+    return np.asarray(x, dtype=np.float64)
 
 
 @dataclass

@@ -144,8 +144,9 @@ class ModelProgram:
 
     model: ModelBundle
     program: paddle.pir.Program | None = None
-    #: builtin.parameter name -> value (weights). Host inputs are never here: they are feeds.
-    params: dict[str, np.ndarray] = field(default_factory=dict)
+    #: builtin.parameter name -> value (weights; tensors sharing the model's memory, or arrays).
+    #: Host inputs are never here: they are feeds.
+    params: dict[str, paddle.Tensor | np.ndarray] = field(default_factory=dict)
     #: names of pd_op.data feeds that carry runtime host values (seed of the placement analysis).
     host_inputs: list[str] = field(default_factory=list)
     prologue: HostPrologue | None = None

@@ -203,7 +203,7 @@ def _adopt_program(mp: ModelProgram, wrapper: Any, inputs: tuple, batch: StepBat
             # A tensor the model holds that is not a parameter (a buffer, e.g. a RoPE table):
             # constant for the step, so its value travels with the weights as a `const.` feed.
             name = f"const.{len([n for n in params if n.startswith('const.')])}"
-            params[name] = tensor.numpy()
+            params[name] = tensor.detach()
         op = mapping.look_up(value).get_defining_op()
         op.set_str_attr("name", name)
 
@@ -218,7 +218,7 @@ def _adopt_program(mp: ModelProgram, wrapper: Any, inputs: tuple, batch: StepBat
         pname = op.attrs()["parameter_name"]
         meta_name = by_id.get(id(tensor))
         if meta_name is None:
-            params[pname] = tensor.numpy()
+            params[pname] = tensor.detach()  # shares the model's memory: no copy of weights
             continue
         by_reference.append(meta_name)
         # a tensor read outside a marked function too is already a feed: use that one

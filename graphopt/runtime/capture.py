@@ -40,7 +40,7 @@ from graphopt.ir.pir_utils import (
 )
 from graphopt.ir.program_index import ProgramIndex
 from graphopt.ir.segment_plan import Segment
-from graphopt.runtime.executor import ProgramRunner
+from graphopt.runtime.executor import ProgramRunner, as_tensor
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +52,19 @@ class CaptureBackend(ABC):
 
     name: str = ""
 
-    def __init__(self, params: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, params: Mapping[str, Any]) -> None:
         self.params = params
 
     @abstractmethod
-    def warmup(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> None:
+    def warmup(self, seg: Segment, feeds: Mapping[str, paddle.Tensor]) -> None:
         """Run the segment once, uncaptured (allocator / autotuning warm-up)."""
 
     @abstractmethod
-    def capture(self, seg: Segment, size: int, feeds: Mapping[str, np.ndarray]) -> Any:
+    def capture(self, seg: Segment, size: int, feeds: Mapping[str, paddle.Tensor]) -> Any:
         """Capture the segment at capture size `size` with these inputs; return the graph."""
 
     @abstractmethod
-    def replay(self, graph: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def replay(self, graph: Any, feeds: Mapping[str, paddle.Tensor]) -> list[paddle.Tensor]:
         """Copy `feeds` into the graph's static inputs, replay, return the live-out values."""
 
 
@@ -75,16 +75,16 @@ class EmulatedGraph:
 
     segment_id: int
     size: int
-    static_inputs: dict[str, np.ndarray]
+    static_inputs: dict[str, paddle.Tensor]
     #: data-op name in the replay program -> the HOST_RUNTIME value recorded at capture
-    frozen: dict[str, np.ndarray] = field(default_factory=dict)
+    frozen: dict[str, paddle.Tensor] = field(default_factory=dict)
 
 
 class _EmulatedSegment:
     """The per-segment programs of the emulator: capture (extra outputs for the host values)
     and replay (host values replaced by data ops)."""
 
-    def __init__(self, seg: Segment, params: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, seg: Segment, params: Mapping[str, Any]) -> None:
         assert seg.program is not None
         idx = ProgramIndex(seg.program)
         # only top-level dense values can be fetched at capture and fed back on replay; host
@@ -105,9 +105,9 @@ class _EmulatedSegment:
         self.capture_runner = ProgramRunner(cap, params, fetch=output_values(cap))
         rep = _frozen_variant(seg.program, keys, self.frozen_names)
         self.replay_runner = ProgramRunner(rep, params)
-        # a live-out that is itself a frozen value is now a data op, and the executor returns
-        # None when fetching a fed variable: such outputs are filled from the recorded values
-        # (on a GPU the output buffer simply still holds the capture-time value)
+        # a live-out that is itself a frozen value is now a data op: such outputs are filled
+        # from the recorded values (on a GPU the output buffer still holds the capture-time
+        # value)
         for i, v in enumerate(output_values(rep)):
             op = v.get_defining_op()
             if op.name() == "pd_op.data" and op.attrs()["name"] in self.frozen_names:
@@ -137,7 +137,7 @@ class EmulatorBackend(CaptureBackend):
 
     name = "emulator"
 
-    def __init__(self, params: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, params: Mapping[str, Any]) -> None:
         super().__init__(params)
         self._segments: dict[int, _EmulatedSegment] = {}
 
@@ -147,37 +147,42 @@ class EmulatorBackend(CaptureBackend):
             em = self._segments[seg.id] = _EmulatedSegment(seg, self.params)
         return em
 
-    def warmup(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> None:
+    def warmup(self, seg: Segment, feeds: Mapping[str, paddle.Tensor]) -> None:
         self._seg(seg).capture_runner.run(feeds)
 
-    def capture(self, seg: Segment, size: int, feeds: Mapping[str, np.ndarray]) -> EmulatedGraph:
+    def capture(self, seg: Segment, size: int, feeds: Mapping[str, paddle.Tensor]
+                ) -> EmulatedGraph:
         em = self._seg(seg)
         outs = em.capture_runner.run(feeds)
-        recorded = outs[em.n_out:]
-        static = {n: np.array(feeds[n], copy=True) for n in seg.feed_names}
-        frozen = {n: np.array(v, copy=True) for n, v in zip(em.frozen_names, recorded, strict=True)}
+        recorded = outs[em.n_out:]  # fresh tensors: no later run writes into them
+        static = {n: as_tensor(feeds[n]).clone() for n in seg.feed_names}
+        frozen = dict(zip(em.frozen_names, recorded, strict=True))
         return EmulatedGraph(seg.id, size, static, frozen)
 
-    def replay(self, graph: EmulatedGraph, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def replay(self, graph: EmulatedGraph, feeds: Mapping[str, paddle.Tensor]
+               ) -> list[paddle.Tensor]:
         _copy_into_static(graph.static_inputs, feeds, graph.segment_id)
         em = self._segments[graph.segment_id]
         outs = em.replay_runner.run({**graph.static_inputs, **graph.frozen})
         for i, name in em.outputs_from_frozen.items():
-            outs[i] = np.array(graph.frozen[name], copy=True)
+            outs[i] = graph.frozen[name].clone()
         return outs
 
 
-def _copy_into_static(static: dict[str, np.ndarray], feeds: Mapping[str, np.ndarray],
+def _copy_into_static(static: dict[str, paddle.Tensor], feeds: Mapping[str, Any],
                       seg_id: int) -> None:
     for name, buf in static.items():
-        new = np.asarray(feeds[name])
+        new = as_tensor(feeds[name])
         if new.shape != buf.shape or new.dtype != buf.dtype:
             raise ValueError(
-                f"segment {seg_id}: input {name} is {new.dtype}{list(new.shape)} but its graph "
-                f"was captured with {buf.dtype}{list(buf.shape)} (batch not padded to the "
-                "capture size?)"
+                f"segment {seg_id}: input {name} is {_desc(new)} but its graph was captured "
+                f"with {_desc(buf)} (batch not padded to the capture size?)"
             )
-        np.copyto(buf, new)
+        paddle.assign(new, output=buf)
+
+
+def _desc(t: paddle.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('paddle.')}{list(t.shape)}"
 
 
 # -- GPU backend (thin; needs paddlepaddle-gpu) --------------------------------------------------
@@ -191,7 +196,7 @@ class CudaGraphBackend(CaptureBackend):
 
     name = "cuda"
 
-    def __init__(self, params: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, params: Mapping[str, Any]) -> None:
         super().__init__(params)
         if not paddle.is_compiled_with_cuda():
             raise ConfigError(
@@ -217,7 +222,7 @@ class CudaGraphBackend(CaptureBackend):
             got = self._scopes[seg.id] = (scope, exe)
         return got
 
-    def _write_inputs(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> None:
+    def _write_inputs(self, seg: Segment, feeds: Mapping[str, Any]) -> None:
         scope, _ = self._scope(seg)
         for name in data_ops(seg.program):
             scope.var(name).get_tensor().set(np.asarray(feeds[name]), self.place)
@@ -228,11 +233,11 @@ class CudaGraphBackend(CaptureBackend):
             return exe.run(seg.program, feed={}, fetch_list=output_values(seg.program),
                            return_numpy=False)
 
-    def warmup(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> None:
+    def warmup(self, seg: Segment, feeds: Mapping[str, Any]) -> None:
         self._write_inputs(seg, feeds)
         self._run(seg)
 
-    def capture(self, seg: Segment, size: int, feeds: Mapping[str, np.ndarray]) -> Any:
+    def capture(self, seg: Segment, size: int, feeds: Mapping[str, Any]) -> Any:
         self._write_inputs(seg, feeds)
         graph = self._graph_cls(place=self.place, mode="thread_local")
         graph.capture_begin()
@@ -240,15 +245,15 @@ class CudaGraphBackend(CaptureBackend):
         graph.capture_end()
         return (seg, graph, outs)
 
-    def replay(self, graph: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def replay(self, graph: Any, feeds: Mapping[str, Any]) -> list[paddle.Tensor]:
         seg, cuda_graph, outs = graph
         self._write_inputs(seg, feeds)
         cuda_graph.replay()
-        return [np.array(o) for o in outs]
+        return [as_tensor(np.array(o)) for o in outs]
 
 
 # -- orchestration ---------------------------------------------------------------------------------
-def make_backend(name: str, params: Mapping[str, np.ndarray]) -> CaptureBackend | None:
+def make_backend(name: str, params: Mapping[str, Any]) -> CaptureBackend | None:
     """The capture backend called `name` (None for ``none``: segments run uncaptured)."""
     if name == "emulator":
         return EmulatorBackend(params)
@@ -308,7 +313,7 @@ class CaptureManager:
         # like PyTorch's "skipping cudagraphs due to ...": loud once per reason, quiet after
         (log.warning if first else log.info)("skipping cuda graphs due to %s", reason)
 
-    def run(self, seg: Segment, size: int, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def run(self, seg: Segment, size: int, feeds: Mapping[str, Any]) -> list[paddle.Tensor]:
         """Run captured segment `seg` at capture size `size` (capturing it the first time)."""
         key = (seg.id, size)
         graph = self.graphs.get(key)
