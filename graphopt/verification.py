@@ -19,6 +19,7 @@ import paddle
 
 from graphopt.ir.model_program import ModelProgram
 from graphopt.models.base import BATCH_KINDS
+from graphopt.runtime.executor import RunnerPool
 from graphopt.runtime.step import StepExecutor, WholeProgramStep
 
 
@@ -50,16 +51,20 @@ class Numerics:
     ran: str = ""
 
 
-def check_numerics(mp: ModelProgram, rng: np.random.Generator) -> Numerics:
-    """One step of each kind, optimized vs eager, on the same cache state."""
+def check_numerics(mp: ModelProgram, rng: np.random.Generator,
+                   pool: RunnerPool | None = None) -> Numerics:
+    """One step of each kind, optimized vs eager, on the same cache state.
+
+    `pool` shares compiled programs with the other checks (the replay reuses every segment
+    runner built here)."""
     bundle = mp.model
     out = Numerics()
     step = None
     if mp.segments is not None:
-        step = StepExecutor(mp, backend="none", capture_sizes=[1], num_warmups=0)
+        step = StepExecutor(mp, backend="none", capture_sizes=[1], num_warmups=0, pool=pool)
         out.ran = "segments (uncaptured)"
     elif mp.program is not None:
-        step = WholeProgramStep(mp)
+        step = WholeProgramStep(mp, pool)
         out.ran = "whole program"
     else:
         out.ran = f"SOT's {mp.trace.subgraphs} graphs"
@@ -102,7 +107,8 @@ class Replay:
 
 
 def check_replay(mp: ModelProgram, rng: np.random.Generator, *, backend: str, steps: int,
-                 capture_sizes: list[int], num_warmups: int, atol: float) -> Replay:
+                 capture_sizes: list[int], num_warmups: int, atol: float,
+                 pool: RunnerPool | None = None) -> Replay:
     """`steps` random steps of mixed kinds through the capture backend, each vs eager."""
     out = Replay(backend=backend, atol=atol)
     if mp.segments is None:
@@ -113,7 +119,7 @@ def check_replay(mp: ModelProgram, rng: np.random.Generator, *, backend: str, st
         out.skipped = "runtime.backend=none" if backend == "none" else "verify.steps=0"
         return out
     executor = StepExecutor(mp, backend=backend, capture_sizes=capture_sizes,
-                            num_warmups=num_warmups)
+                            num_warmups=num_warmups, pool=pool)
     kinds = [BATCH_KINDS[i % len(BATCH_KINDS)] for i in range(steps)]
     rng.shuffle(kinds)
     errs = []

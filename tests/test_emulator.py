@@ -22,6 +22,7 @@ from graphopt.errors import ConfigError
 from graphopt.ir.segment_plan import CAPTURED
 from graphopt.passes.registry import get_pass
 from graphopt.runtime.capture import CaptureManager, EmulatorBackend
+from graphopt.runtime.executor import RunnerPool
 from graphopt.runtime.step import NO_PLAN, StepExecutor
 from tests import programs as P
 
@@ -174,7 +175,7 @@ def test_backend_errors():
 def test_static_input_buffers_keep_their_shape():
     mp = _mp(P.build_cond_program(hoisted=True))
     seg = next(s for s in mp.segments.captured if s.kind == CAPTURED)
-    mgr = CaptureManager(EmulatorBackend(mp.params), SIZES, 0)
+    mgr = CaptureManager(EmulatorBackend(RunnerPool(mp.params)), SIZES, 0)
     feeds = {n: np.ones((4, P.HIDDEN), "float32") for n in seg.feed_names}
     mgr.run(seg, 4, feeds)
     with pytest.raises(ValueError, match="captured with"):

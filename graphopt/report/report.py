@@ -63,6 +63,9 @@ class Report:
     verify_message: str
     artifacts: dict[str, str] = field(default_factory=dict)
     time_s: float = 0.0
+    #: wall seconds per phase: build, trace_unmodified, trace_optimized, passes, verify,
+    #: replay, artifacts (the rest of ``time_s`` is bookkeeping between them)
+    timings: dict[str, float] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

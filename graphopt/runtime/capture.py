@@ -40,7 +40,7 @@ from graphopt.ir.pir_utils import (
 )
 from graphopt.ir.program_index import ProgramIndex
 from graphopt.ir.segment_plan import Segment
-from graphopt.runtime.executor import ProgramRunner, as_tensor
+from graphopt.runtime.executor import ProgramRunner, RunnerPool, as_tensor
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,9 @@ class _EmulatedSegment:
     """The per-segment programs of the emulator: capture (extra outputs for the host values)
     and replay (host values replaced by data ops)."""
 
-    def __init__(self, seg: Segment, params: Mapping[str, Any]) -> None:
+    def __init__(self, seg: Segment, pool: RunnerPool) -> None:
         assert seg.program is not None
+        params = pool.params
         idx = ProgramIndex(seg.program)
         # only top-level dense values can be fetched at capture and fed back on replay; host
         # values nested in a captured (non-blacklisted) if are left as they are
@@ -94,8 +95,8 @@ class _EmulatedSegment:
         self.frozen_names = [f"seg{seg.id}.frozen{i}" for i in range(len(keys))]
         self.n_out = len(seg.live_out)
         self.outputs_from_frozen: dict[int, str] = {}
-        if not keys:
-            self.capture_runner = ProgramRunner(seg.program, params)
+        if not keys:  # nothing to freeze: the segment's own (shared) runner does it all
+            self.capture_runner = pool.get(seg.program)
             self.replay_runner = self.capture_runner
             return
         cap = clone_program(seg.program)
@@ -137,14 +138,15 @@ class EmulatorBackend(CaptureBackend):
 
     name = "emulator"
 
-    def __init__(self, params: Mapping[str, Any]) -> None:
-        super().__init__(params)
+    def __init__(self, pool: RunnerPool) -> None:
+        super().__init__(pool.params)
+        self.pool = pool
         self._segments: dict[int, _EmulatedSegment] = {}
 
     def _seg(self, seg: Segment) -> _EmulatedSegment:
         em = self._segments.get(seg.id)
         if em is None:
-            em = self._segments[seg.id] = _EmulatedSegment(seg, self.params)
+            em = self._segments[seg.id] = _EmulatedSegment(seg, self.pool)
         return em
 
     def warmup(self, seg: Segment, feeds: Mapping[str, paddle.Tensor]) -> None:
@@ -253,12 +255,12 @@ class CudaGraphBackend(CaptureBackend):
 
 
 # -- orchestration ---------------------------------------------------------------------------------
-def make_backend(name: str, params: Mapping[str, Any]) -> CaptureBackend | None:
+def make_backend(name: str, pool: RunnerPool) -> CaptureBackend | None:
     """The capture backend called `name` (None for ``none``: segments run uncaptured)."""
     if name == "emulator":
-        return EmulatorBackend(params)
+        return EmulatorBackend(pool)
     if name == "cuda":
-        return CudaGraphBackend(params)
+        return CudaGraphBackend(pool.params)
     if name == "none":
         return None
     raise ConfigError(f"unknown runtime backend {name!r}: choose one of {', '.join(BACKENDS)}")

@@ -146,3 +146,29 @@ class ProgramRunner:
         if self._identity:
             return list(outs)
         return [outs[i] for i in self._fetch_index]
+
+
+class RunnerPool:
+    """One :class:`ProgramRunner` per program, shared by every step executor given the pool, so
+    a program's interpreter is built once however many checks run it (numerics, replay,
+    benchmarks). Weights are converted to tensors once for all of them."""
+
+    def __init__(self, params: Mapping[str, TensorLike]) -> None:
+        self.params = tensor_params(params)
+        self._runners: dict[int, tuple[paddle.pir.Program, ProgramRunner]] = {}
+
+    def get(self, program: paddle.pir.Program) -> ProgramRunner:
+        """The runner of `program` (made on first use; keyed by the program object)."""
+        hit = self._runners.get(id(program))
+        if hit is not None and hit[0] is program:
+            return hit[1]
+        runner = ProgramRunner(program, self.params)
+        self._runners[id(program)] = (program, runner)
+        return runner
+
+    def __len__(self) -> int:
+        return len(self._runners)
+
+    def clear(self) -> None:
+        """Forget every runner (their interpreters go with :func:`release_interpreters`)."""
+        self._runners.clear()

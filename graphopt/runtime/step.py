@@ -33,7 +33,7 @@ from graphopt.ir.pir_utils import data_ops
 from graphopt.ir.segment_plan import CAPTURED, Segment, SegmentPlan
 from graphopt.models.base import StepBatch, resolve_meta_field
 from graphopt.runtime.capture import BACKENDS, CaptureManager, make_backend
-from graphopt.runtime.executor import ProgramRunner, as_tensor, tensor_params
+from graphopt.runtime.executor import ProgramRunner, RunnerPool, as_tensor
 
 log = logging.getLogger(__name__)
 
@@ -103,22 +103,18 @@ def run_plan(
     plan: SegmentPlan,
     params: Mapping[str, Any],
     feeds: Mapping[str, Any],
-    runners: dict[int, ProgramRunner] | None = None,
+    pool: RunnerPool | None = None,
 ) -> list[paddle.Tensor]:
     """Run every segment of `plan` uncaptured, in order; return the program's outputs.
 
     The reference semantics of a plan: equal to running the whole program on `feeds`.
     """
-    runners = runners if runners is not None else {}
-    params = tensor_params(params)
+    pool = pool if pool is not None else RunnerPool(params)
 
     def run_one(seg: Segment, seg_feeds: Mapping[str, Any]) -> list[paddle.Tensor]:
-        runner = runners.get(seg.id)
-        if runner is None:
-            runner = runners[seg.id] = ProgramRunner(seg.program, params)
-        return runner.run(seg_feeds)
+        return pool.get(seg.program).run(seg_feeds)
 
-    env = _Env({k: as_tensor(v) for k, v in feeds.items()}, params)
+    env = _Env({k: as_tensor(v) for k, v in feeds.items()}, pool.params)
     execute_segments(plan.segments, env, run_one)
     return [as_tensor(env.get_value(k)) for k in plan.outputs]
 
@@ -128,12 +124,12 @@ class StepInputs:
     ``meta.<path>``), looked up afresh every step, and the host prologue's outputs
     (``hoisted.<k>``), run every step."""
 
-    def __init__(self, mp: ModelProgram, params: Mapping[str, paddle.Tensor] | None = None
-                 ) -> None:
+    def __init__(self, mp: ModelProgram, pool: RunnerPool | None = None) -> None:
         if mp.program is None:
             raise ConfigError("no program to run: the step is several SOT graphs")
         self.mp = mp
-        self.params = params if params is not None else tensor_params(mp.params)
+        self.pool = pool if pool is not None else RunnerPool(mp.params)
+        self.params = self.pool.params
         names = list(data_ops(mp.program))
         if mp.prologue is not None:
             names += [n for n in data_ops(mp.prologue.program) if n not in names]
@@ -151,7 +147,6 @@ class StepInputs:
             elif name not in self.params:  # `const.<k>`: a model buffer, fed by the runners
                 raise ConfigError(f"program input {name!r} has no source: expected arg.<i>, "
                                   "meta.<field> or a hoisted.<k> fed by the host prologue")
-        self._prologue: ProgramRunner | None = None
 
     def __call__(self, batch: StepBatch) -> dict[str, paddle.Tensor]:
         feeds: dict[str, paddle.Tensor] = {name: as_tensor(batch.args[i])
@@ -160,9 +155,8 @@ class StepInputs:
             feeds[name] = as_tensor(resolve_meta_field(batch.meta, path))
         prologue = self.mp.prologue
         if prologue is not None:
-            if self._prologue is None:
-                self._prologue = ProgramRunner(prologue.program, self.params)
-            feeds.update(zip(prologue.outputs, self._prologue.run(feeds), strict=True))
+            outs = self.pool.get(prologue.program).run(feeds)
+            feeds.update(zip(prologue.outputs, outs, strict=True))
         return feeds
 
 
@@ -170,11 +164,9 @@ class WholeProgramStep:
     """Runs the unsplit program of a ModelProgram, one ``run_program`` call per step (no
     capture)."""
 
-    def __init__(self, mp: ModelProgram, params: Mapping[str, paddle.Tensor] | None = None
-                 ) -> None:
-        params = params if params is not None else tensor_params(mp.params)
-        self.inputs = StepInputs(mp, params)
-        self.runner = ProgramRunner(mp.program, params)
+    def __init__(self, mp: ModelProgram, pool: RunnerPool | None = None) -> None:
+        self.inputs = StepInputs(mp, pool)
+        self.runner: ProgramRunner = self.inputs.pool.get(mp.program)
 
     def run(self, batch: StepBatch) -> list[paddle.Tensor]:
         return self.runner.run(self.inputs(batch))
@@ -194,6 +186,7 @@ class StepExecutor:
         backend: str = "emulator",
         capture_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
         num_warmups: int = 1,
+        pool: RunnerPool | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ConfigError(f"unknown runtime backend {backend!r}: choose one of "
@@ -203,12 +196,12 @@ class StepExecutor:
         self.mp = mp
         self.backend_name = str(getattr(backend, "value", backend))
         self.plan: SegmentPlan = mp.segments
-        self.params = tensor_params(mp.params)
-        self.feeds = StepInputs(mp, self.params)
-        backend_obj = make_backend(backend, self.params)
+        self.feeds = StepInputs(mp, pool)
+        self.pool = self.feeds.pool
+        self.params = self.pool.params
+        backend_obj = make_backend(backend, self.pool)
         self.capture = (CaptureManager(backend_obj, list(capture_sizes), num_warmups)
                         if backend_obj is not None else None)
-        self._eager_runners: dict[int, ProgramRunner] = {}
         self._whole: WholeProgramStep | None = None
         self.steps = 0
         self.eager_segment_runs = 0
@@ -217,11 +210,8 @@ class StepExecutor:
     # -- running -------------------------------------------------------------------------------
     def _run_eager(self, seg: Segment, feeds: Mapping[str, paddle.Tensor]
                    ) -> list[paddle.Tensor]:
-        runner = self._eager_runners.get(seg.id)
-        if runner is None:
-            runner = self._eager_runners[seg.id] = ProgramRunner(seg.program, self.params)
         self.eager_segment_runs += 1
-        return runner.run(feeds)
+        return self.pool.get(seg.program).run(feeds)
 
     def _note_branch(self, seg: Segment, label: str) -> None:
         self.branches_taken[label] += 1
@@ -262,7 +252,7 @@ class StepExecutor:
     def run_whole(self, batch: StepBatch) -> list[paddle.Tensor]:
         """Run the unsplit ``mp.program`` in one call (reference for comparisons)."""
         if self._whole is None:
-            self._whole = WholeProgramStep(self.mp, self.params)
+            self._whole = WholeProgramStep(self.mp, self.pool)
         return self._whole.run(batch)
 
     def stats(self) -> dict[str, Any]:
