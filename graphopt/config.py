@@ -92,6 +92,16 @@ class PipelineConfig:
 
 
 @dataclass
+class CacheConfig:
+    """``cache``: the compile cache (optimized programs saved under a key, loaded back)."""
+
+    #: look the run up in the cache; on a hit skip trace and passes (verification still runs)
+    enabled: bool = False
+    #: where entries live (one directory per key); shared safely by concurrent jobs
+    dir: str = "~/.cache/graphopt"
+
+
+@dataclass
 class GraphoptConfig:
     """The top-level config of one optimize run."""
 
@@ -99,6 +109,7 @@ class GraphoptConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     #: true: the whole step must be one CUDA graph; false: capture piecewise around control flow
     full_cuda_graph: bool = False
     #: write ir/NNN_<pass>.txt after each pass

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -14,14 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import paddle
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from graphopt.cache import CacheError, CompileCache, cache_key, key_material, write_entry
 from graphopt.config import validate
-from graphopt.errors import ConfigError, VerificationError
+from graphopt.errors import ConfigError, VerificationError, one_line
 from graphopt.ir.model_program import ModelProgram
 from graphopt.ir.trace import trace_step
 from graphopt.models import build_model
+from graphopt.models.base import ModelBundle
 from graphopt.passes.analysis.placement import hazards_of
 from graphopt.passes.base import PassRecord, Stage
 from graphopt.passes.instruments import IRDumpInstrument
@@ -55,7 +59,11 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     rng = np.random.default_rng(cfg.verify.seed)
-    mp, records, hazards_before = build_and_optimize(cfg, pm, rng, timings)
+    if cfg.cache.enabled:
+        mp, records, hazards_before, cache_info = optimize_cached(cfg, pm, rng, timings)
+    else:
+        mp, records, hazards_before = build_and_optimize(cfg, pm, rng, timings)
+        cache_info = {"status": "off"}
     try:
         # one pool: the replay reuses every program the numerics check compiled
         pool = RunnerPool(mp.params)
@@ -77,8 +85,14 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
         release_interpreters()  # the checks are done: give their compiled programs back
         report = build_report(cfg, pipeline, mp, records, hazards_before, hazards_after,
                               numerics, replay, float(cfg.verify.atol))
+        report.cache = cache_info
         with _timed(timings, "artifacts"):
             report.artifacts = write_artifacts(mp, cfg, pipeline, run_dir)
+            if mp.program is not None:  # what graphopt.load(run_dir) reads
+                write_entry(run_dir / "compiled", cache_info.get("key", ""),
+                            cache_info.get("material") or _key_material(cfg, pm, mp.model),
+                            mp, report.passes, hazards_before)
+                report.artifacts["compiled"] = "compiled"
     finally:
         mp.model.restore_patches(0)
     report.time_s = round(time.perf_counter() - t_start, 3)
@@ -86,6 +100,9 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
     write_report(report, run_dir)
     print(summary(report))
     print(timing_line(report.timings, report.time_s))
+    if cache_info.get("status") == "hit":
+        print(f"cache: hit ({cache_info['key']}, made {cache_info['created']}): trace and "
+              "passes skipped; the trace and pass numbers above are that run's")
     if cfg.verify.fail_on_mismatch and not report.verified:
         raise VerificationError(report.verify_message)
     return report.to_dict()
@@ -100,17 +117,19 @@ def _pipeline_label(cfg: DictConfig, pm: PassManager) -> str:
 def build_and_optimize(
     cfg: DictConfig, pm: PassManager, rng: np.random.Generator,
     timings: dict[str, float] | None = None,
+    bundle: ModelBundle | None = None,
 ) -> tuple[ModelProgram, list[PassRecord], list[dict] | None]:
     """Build the model, run source passes, trace, run program passes.
 
     Returns ``(mp, records, hazards_before)``. The model's functions stay patched (marked) until
     the caller runs ``mp.model.restore_patches(0)``; on error they are restored here. With
     `timings`, the phases' wall seconds are added to it (``build``, ``trace_unmodified``,
-    ``trace_optimized``, ``passes``).
+    ``trace_optimized``, ``passes``). A `bundle` already built from ``cfg.model`` is used as is.
     """
     timings = timings if timings is not None else {}
-    with _timed(timings, "build"):
-        bundle = build_model(cfg.model)
+    if bundle is None:
+        with _timed(timings, "build"):
+            bundle = build_model(cfg.model)
     mp = ModelProgram(model=bundle, full_cuda_graph=bool(cfg.full_cuda_graph))
     mp.trace_batch = bundle.random_batch(rng, "mixed")
     t0 = time.perf_counter()
@@ -142,9 +161,62 @@ def build_and_optimize(
     return mp, records, hazards_before
 
 
+def _key_material(cfg: DictConfig, pm: PassManager, bundle: ModelBundle) -> dict[str, Any]:
+    """What the optimized step of this run depends on (see graphopt.cache.key_material)."""
+    return key_material(
+        OmegaConf.to_container(cfg.model, resolve=True),  # type: ignore[arg-type]
+        bundle.provenance,
+        pm.resolved(),
+        # the trace batch comes from verify.seed's generator
+        {"full_cuda_graph": bool(cfg.full_cuda_graph), "verify.seed": int(cfg.verify.seed)},
+    )
+
+
+def optimize_cached(
+    cfg: DictConfig, pm: PassManager, rng: np.random.Generator, timings: dict[str, float]
+) -> tuple[ModelProgram, list[PassRecord], list[dict] | None, dict[str, Any]]:
+    """:func:`build_and_optimize` through the compile cache (``cache.enabled``).
+
+    A hit loads the optimized program, prologue, flags and pass records and rebuilds the plan:
+    no trace, no passes. A miss optimizes and stores the result. An entry that cannot be used
+    (corrupt, stale) is reported in one warning line, rebuilt and replaced. Returns what
+    :func:`build_and_optimize` does, plus ``{"status": hit|miss|rebuilt, "key", ...}``.
+    """
+    with _timed(timings, "build"):
+        bundle = build_model(cfg.model)
+    material = _key_material(cfg, pm, bundle)
+    key = cache_key(material)
+    cache = CompileCache(cfg.cache.dir)
+    info: dict[str, Any] = {"status": "miss", "key": key, "dir": str(cache.dir)}
+    try:
+        with _timed(timings, "cache_load"):
+            entry = cache.load(key, bundle)
+    except CacheError as e:
+        print(f"graphopt: warning: cache entry {key} cannot be used ({one_line(e)}); "
+              "rebuilding it", file=sys.stderr)
+        entry, info["status"] = None, "rebuilt"
+    if entry is not None:
+        mp = entry.mp
+        mp.trace_batch = bundle.random_batch(rng, "mixed")  # same draws as a cold run
+        if mp.flags:
+            paddle.set_flags(dict(mp.flags))
+        records = [PassRecord(r["name"], r["modified"], r["time_s"], r["stats"])
+                   for r in entry.records]
+        info.update(status="hit", created=entry.created)
+        return mp, records, entry.hazards_before, info
+    mp, records, hazards_before = build_and_optimize(cfg, pm, rng, timings, bundle=bundle)
+    if mp.program is not None:
+        with _timed(timings, "cache_store"):
+            stored = cache.store(key, material, mp, [r.to_dict() for r in records],
+                                 hazards_before, replace=info["status"] == "rebuilt")
+        info["stored"] = stored
+    info["material"] = material
+    return mp, records, hazards_before, info
+
+
 #: the phases of one run, in the order ``report.json`` and the CLI list them
-PHASES = ("build", "trace_unmodified", "trace_optimized", "passes", "verify", "replay",
-          "artifacts")
+PHASES = ("build", "cache_load", "trace_unmodified", "trace_optimized", "passes", "cache_store",
+          "verify", "replay", "artifacts")
 
 
 @contextlib.contextmanager

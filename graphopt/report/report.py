@@ -66,11 +66,15 @@ class Report:
     #: wall seconds per phase: build, trace_unmodified, trace_optimized, passes, verify,
     #: replay, artifacts (the rest of ``time_s`` is bookkeeping between them)
     timings: dict[str, float] = field(default_factory=dict)
+    #: the compile cache: {"status": off|hit|miss|rebuilt, "key", "dir", ...}
+    cache: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": self.schema_version,
-                **{k: v for k, v in asdict(self).items() if k != "schema_version"}}
+        d = {"schema_version": self.schema_version,
+             **{k: v for k, v in asdict(self).items() if k != "schema_version"}}
+        d["cache"] = {k: v for k, v in self.cache.items() if k != "material"}
+        return d
 
 
 def build_report(cfg: Any, pipeline: dict[str, Any], mp: ModelProgram,
