@@ -97,9 +97,12 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
         mp.model.restore_patches(0)
     report.time_s = round(time.perf_counter() - t_start, 3)
     report.timings = {k: round(v, 3) for k, v in timings.items()}
+    report.memory_mb = memory_mb()
     write_report(report, run_dir)
     print(summary(report))
-    print(timing_line(report.timings, report.time_s))
+    peak = report.memory_mb.get("peak_rss")
+    print(timing_line(report.timings, report.time_s)
+          + (f"; peak RSS {peak:.0f} MB" if peak else ""))
     if cache_info.get("status") == "hit":
         print(f"cache: hit ({cache_info['key']}, made {cache_info['created']}): trace and "
               "passes skipped; the trace and pass numbers above are that run's")
@@ -227,6 +230,20 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
         yield
     finally:
         timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - t0
+
+
+def memory_mb() -> dict[str, float]:
+    """This process's resident memory now and at its peak, in MB (Linux; empty elsewhere)."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key = "peak_rss" if line.startswith("VmHWM") else "rss"
+                    out[key] = round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return out
 
 
 def timing_line(timings: dict[str, float], total: float) -> str:

@@ -5,7 +5,8 @@ Python. ``paddle.jit.marker.capture_control_flow`` makes SOT convert a function 
 path instead, which turns such an ``if`` into a ``pd_op.if`` op inside one graph. This is what the
 seed change did by hand for DeepSeek-V3 in FastDeploy; here it is done for any model:
 
-* ``mode=explicit``: the qualified names in ``targets`` are marked;
+* ``mode=explicit``: the qualified names in ``targets`` are marked, then the model is traced
+  once (no trace of the unmodified model: the report has no "before" numbers);
 * ``mode=auto``: trace, read SOT's break reasons, mark the function each break points at,
   retrace; repeat until no break is left or no progress is made. What could not be removed is
   reported with the reason.
@@ -69,24 +70,25 @@ class CaptureControlFlow(Pass):
         if batch is None:
             raise ConfigError("capture-control-flow needs a trace batch (mp.trace_batch)")
         top = type(mp.model.layer).forward
-
-        trace_step(mp, batch)
-        before = len(mp.trace.graph_breaks)
         marked: list[str] = []
         unresolved: list[dict[str, Any]] = []
         rounds = 0
+        before: int | None = None
 
         if self.options.mode == "explicit":
+            # The targets are known: no trace of the unmodified model is needed to find them, so
+            # none is made (the report then has no "before" numbers rather than made-up ones).
             for qualname in self.options.targets:
                 owner, attr, fn = _resolve_qualname(qualname)
                 if fn is top:
                     raise ConfigError(_top_level_message(qualname))
                 if _mark(mp, owner, attr, fn):
                     marked.append(qualname)
-            if marked:
-                trace_step(mp, batch)
-                rounds = 1
+            trace_step(mp, batch)
+            rounds = 1
         else:
+            trace_step(mp, batch)
+            before = len(mp.trace.graph_breaks)
             while mp.trace.graph_breaks and rounds < self.options.max_rounds:
                 rounds += 1
                 progress = False
