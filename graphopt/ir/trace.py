@@ -42,7 +42,12 @@ from paddle.jit.sot.utils.info_collector import InfoCollector, InfoType
 
 from graphopt.errors import TraceError
 from graphopt.ir.model_program import GraphBreak, ModelProgram, TraceInfo
-from graphopt.ir.pir_utils import add_data_op, clone_program_with_mapping, op_count
+from graphopt.ir.pir_utils import (
+    add_data_op,
+    clone_program_with_mapping,
+    op_count,
+    release_native_memory,
+)
 from graphopt.ir.sources import user_frames
 from graphopt.models.base import StepBatch, meta_tensor_fields
 
@@ -215,6 +220,9 @@ def trace_step(mp: ModelProgram, batch: StepBatch) -> Any:
         mp.program = None
         mp.params = {}
         mp.properties.discard("single-graph")
+    # SOT ran its graph(s) once; their interpreters are not needed for what follows (the step's
+    # program is ours now) and are the largest thing the trace leaves behind
+    release_native_memory()
     mp.trace.wall_s = time.perf_counter() - t_wall
     return outs
 

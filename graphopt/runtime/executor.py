@@ -32,7 +32,7 @@ from paddle.base import core
 from paddle.jit.dy2static.pir_partial_program import RunnableProgram, apply_general_passes
 from paddle.jit.dy2static.utils import CUDAGraphState
 
-from graphopt.ir.pir_utils import data_ops, output_values, static_mode
+from graphopt.ir.pir_utils import data_ops, output_values, release_native_memory, static_mode
 
 #: a tensor, or anything paddle.to_tensor takes (numpy arrays in tests and tools)
 TensorLike = Any
@@ -63,7 +63,7 @@ def tensor_params(params: Mapping[str, TensorLike]) -> dict[str, paddle.Tensor]:
 def release_interpreters() -> None:
     """Drop every interpreter ``run_program`` has cached in this process (they rebuild on the
     next run of a live runner); call it when a phase is done with its runners."""
-    core.clear_executor_cache()
+    release_native_memory()
 
 
 class ProgramRunner:
