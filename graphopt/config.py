@@ -73,6 +73,9 @@ class VerifyConfig:
     replay_atol: float = 1e-4
     #: exit 1 when the optimized step differs from eager
     fail_on_mismatch: bool = True
+    #: with a segment plan (what runs), also run the unsplit program against eager when it has
+    #: at most this many ops; compiling one block of 14k ops costs tens of seconds and ~1 GB
+    whole_program_max_ops: int = 4000
 
     def __post_init__(self) -> None:
         if self.steps < 0:

@@ -68,7 +68,8 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
         # one pool: the replay reuses every program the numerics check compiled
         pool = RunnerPool(mp.params)
         with _timed(timings, "verify"):
-            numerics = check_numerics(mp, rng, pool)
+            numerics = check_numerics(mp, rng, pool,
+                                      int(cfg.verify.get("whole_program_max_ops", 4000)))
             hazards_after = ([h.to_dict() for h in hazards_of(mp)] if mp.program is not None
                              else None)
         with _timed(timings, "replay"):

@@ -18,6 +18,7 @@ import numpy as np
 import paddle
 
 from graphopt.ir.model_program import ModelProgram
+from graphopt.ir.pir_utils import op_count
 from graphopt.models.base import BATCH_KINDS
 from graphopt.runtime.executor import RunnerPool
 from graphopt.runtime.step import StepExecutor, WholeProgramStep
@@ -49,20 +50,32 @@ class Numerics:
     whole_program: dict[str, float] = field(default_factory=dict)
     #: what ran as "optimized": segments | whole program | SOT's own graphs
     ran: str = ""
+    #: why the unsplit program was not compared (None: it was, or there is none)
+    whole_program_skipped: str | None = None
 
 
 def check_numerics(mp: ModelProgram, rng: np.random.Generator,
-                   pool: RunnerPool | None = None) -> Numerics:
+                   pool: RunnerPool | None = None, whole_program_max_ops: int = 4000
+                   ) -> Numerics:
     """One step of each kind, optimized vs eager, on the same cache state.
 
-    `pool` shares compiled programs with the other checks (the replay reuses every segment
-    runner built here)."""
+    With a segment plan, the segments are what runs and what is checked; the unsplit program is
+    checked too when it has at most `whole_program_max_ops` ops (it is what the plan was cut
+    from, and compiling it as one block grows faster than its size). `pool` shares compiled
+    programs with the other checks (the replay reuses every segment runner built here)."""
     bundle = mp.model
     out = Numerics()
     step = None
+    whole = False
     if mp.segments is not None:
         step = StepExecutor(mp, backend="none", capture_sizes=[1], num_warmups=0, pool=pool)
         out.ran = "segments (uncaptured)"
+        ops = op_count(mp.program)
+        whole = ops <= whole_program_max_ops
+        if not whole:
+            out.whole_program_skipped = (
+                f"the unsplit program has {ops} ops > verify.whole_program_max_ops="
+                f"{whole_program_max_ops}; its segments were checked")
     elif mp.program is not None:
         step = WholeProgramStep(mp, pool)
         out.ran = "whole program"
@@ -76,7 +89,7 @@ def check_numerics(mp: ModelProgram, rng: np.random.Generator,
                 got = [o.numpy() for o in _flat(mp.sot_step(*batch.args, batch.meta))]
         else:
             got = step.run(batch)
-            if isinstance(step, StepExecutor):
+            if whole and isinstance(step, StepExecutor):
                 out.whole_program[kind] = max_abs_err(step.run_whole(batch), eager)
         out.optimized[kind] = max_abs_err(got, eager)
         bundle.commit_state(eager[1:])

@@ -24,11 +24,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
 import paddle
-from paddle.jit.dy2static import parameter_recorder
+from paddle.jit.dy2static import convert_call_func, parameter_recorder
 from paddle.jit.sot.infer_meta import InferMetaCache, LayerInferMetaCache, VariableCreator
 from paddle.jit.sot.opcode_translator.executor import executor_cache
 from paddle.jit.sot.opcode_translator.executor.executor_cache import OpcodeExecutorCache
@@ -110,6 +111,36 @@ def _cheap_collections() -> Iterator[None]:
         gc.unfreeze()
 
 
+@contextlib.contextmanager
+def _memoized_support_checks() -> Iterator[None]:
+    """Answer dy2static's "is this function left as is?" once per function during a trace.
+
+    ``convert_call_func.is_unsupported`` rebuilds the list of every function of a dozen
+    built-in modules on each call, and a marked function's body makes thousands of calls
+    (about a tenth of an 8-layer trace). Its answer depends only on the function (for a bound
+    method: on its function, module and code), so it is kept for the trace, with the function,
+    so a recycled id cannot hit.
+    """
+    original = convert_call_func.is_unsupported
+    seen: dict[int, tuple[Any, bool]] = {}
+
+    def is_unsupported(func: Any) -> bool:
+        # a bound method is made anew at each attribute access; its function is what decides
+        key = func.__func__ if isinstance(func, types.MethodType) else func
+        hit = seen.get(id(key))
+        if hit is not None and hit[0] is key:
+            return hit[1]
+        answer = original(func)
+        seen[id(key)] = (key, answer)
+        return answer
+
+    convert_call_func.is_unsupported = is_unsupported
+    try:
+        yield
+    finally:
+        convert_call_func.is_unsupported = original
+
+
 #: every compiled SOT graph we made SOT forget; see _reset_sot_caches.
 _RETIRED_GRAPHS: list = []
 
@@ -188,7 +219,7 @@ def trace_step(mp: ModelProgram, batch: StepBatch) -> Any:
     t_wall = time.perf_counter()
     _reset_sot_caches()
     t0 = time.perf_counter()
-    with _cheap_collections(), _sot_collectors() as calls:
+    with _cheap_collections(), _memoized_support_checks(), _sot_collectors() as calls:
         static_fn = paddle.jit.to_static(layer.forward, full_graph=False)
         with paddle.no_grad():
             outs = static_fn(*batch.args, batch.meta)

@@ -57,6 +57,8 @@ class Report:
     numerics: dict[str, float]
     numerics_whole_program: dict[str, float]
     numerics_ran: str
+    #: why numerics_whole_program is empty (None when it was measured or there is no plan)
+    numerics_whole_program_skipped: str | None
     replay: dict[str, Any]
     warnings: list[str]
     verified: bool
@@ -122,6 +124,7 @@ def build_report(cfg: Any, pipeline: dict[str, Any], mp: ModelProgram,
         numerics=numerics.optimized,
         numerics_whole_program=numerics.whole_program,
         numerics_ran=numerics.ran,
+        numerics_whole_program_skipped=numerics.whole_program_skipped,
         replay=replay.to_dict(),
         warnings=warnings,
         verified=True,
@@ -221,6 +224,8 @@ def summary(r: Report) -> str:
                      f"capture coverage {seg['coverage']:.4f}")
     num = ", ".join(f"{k} {v:.1e}" for k, v in r.numerics.items())
     lines.append(f"numerics vs eager (max abs err, {r.numerics_ran}): {num}")
+    if r.numerics_whole_program_skipped:
+        lines.append(f"unsplit program not compared: {r.numerics_whole_program_skipped}")
     rp = r.replay
     if rp.get("steps"):
         lines.append(f"replay {rp['backend']}: {rp['steps']} steps, {rp['mismatches']} mismatches"
