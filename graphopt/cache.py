@@ -147,21 +147,27 @@ def write_entry(path: Path, key: str, material: dict[str, Any], mp: ModelProgram
 def _bind_names(mp: ModelProgram) -> tuple[dict[str, str], list[str]]:
     """Program parameter name -> structured name in the model, for every weight that IS a model
     parameter or buffer (same memory); the names of the rest (saved by value)."""
-    owners: dict[int, str] = {}
+    owners: dict[tuple, str] = {}
     layer = mp.model.layer
     for name, t in [*layer.named_parameters(), *layer.named_buffers()]:
         with contextlib.suppress(Exception):
-            owners.setdefault(t.data_ptr(), name)
+            owners.setdefault(_identity(t), name)
     bound, by_value = {}, []
     for pname, value in mp.params.items():
         structured = None
-        if isinstance(value, paddle.Tensor) and not pname.startswith("const."):
-            structured = owners.get(value.data_ptr())
+        # `const.<k>` feeds are often parameters too (SOT passes some weights as inputs)
+        if isinstance(value, paddle.Tensor) and value.numel() > 0:
+            structured = owners.get(_identity(value))
         if structured is None:
             by_value.append(pname)
         else:
             bound[pname] = structured
     return bound, by_value
+
+
+def _identity(t: paddle.Tensor) -> tuple:
+    """Same memory, shape and type: the same tensor (a view of a weight is not the weight)."""
+    return (t.data_ptr(), tuple(t.shape), str(t.dtype))
 
 
 def _numpy(value: Any) -> np.ndarray:
