@@ -263,16 +263,20 @@ def main(cfg: DictConfig) -> None:
     from graphopt.runtime.executor import release_interpreters
 
     bench = cfg.bench
-    out = Path(bench.out) if bench.out else Path(HydraConfig.get().runtime.output_dir)
+    # scratch (optimize runs, their logs, the compile cache) always stays in the run directory;
+    # only bench.json and bench.png go to bench.out when it is given
+    work = Path(HydraConfig.get().runtime.output_dir)
+    out = Path(bench.out) if bench.out else work
+    work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    cache_dir = out / "cache"
+    cache_dir = work / "cache"
     sizes: dict[str, dict[str, Any]] = {}
     for layers in bench.layers:
         label = f"L{layers}"
         r: dict[str, Any] = {}
         if bench.optimize:
-            r["optimize_cold"] = time_optimize(layers, out, cache_dir, "cold")
-            r["optimize_cached"] = time_optimize(layers, out, cache_dir, "cached")
+            r["optimize_cold"] = time_optimize(layers, work, cache_dir, "cold")
+            r["optimize_cached"] = time_optimize(layers, work, cache_dir, "cached")
             print(f"bench {label}: optimize cold {r['optimize_cold']['wall_s']} s, cached "
                   f"{r['optimize_cached']['wall_s']} s, peak RSS "
                   f"{r['optimize_cold']['peak_rss_mb']} MB", flush=True)
