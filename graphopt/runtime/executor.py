@@ -118,7 +118,7 @@ class ProgramRunner:
                 "program_id": next(_PROGRAM_IDS),
                 "in_sot_mode": True,
             } | runnable.program_attr)
-        self._scope = core.Scope()
+        self._scope: core.Scope | None = None
 
     def run(self, feeds: Mapping[str, TensorLike]) -> list[paddle.Tensor]:
         """Run once; `feeds` must hold every pd_op.data name of the program but ``const.*``."""
@@ -138,11 +138,11 @@ class ProgramRunner:
 
     def run_list(self, inputs: list[paddle.Tensor]) -> list[paddle.Tensor]:
         """Run once with tensors in :attr:`feed_names` order."""
-        if not self._scope._can_reused:  # still held by an earlier run's outputs
+        if self._scope is None or not self._scope._can_reused:  # held by an earlier run
             self._scope = core.Scope()
-        with paddle.no_grad():
-            outs = _C_ops.run_program(inputs or None, self.params or None, [self._scope],
-                                      self._attrs, _NO_CUDA_GRAPH)
+        # no autograd bookkeeping: weights are detached and outputs are marked stop_gradient
+        outs = _C_ops.run_program(inputs or None, self.params or None, [self._scope],
+                                  self._attrs, _NO_CUDA_GRAPH)
         if self._identity:
             return list(outs)
         return [outs[i] for i in self._fetch_index]

@@ -21,6 +21,7 @@ tensors out: every program runs through ``run_program`` (:mod:`graphopt.runtime.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -50,7 +51,7 @@ def condition_value(cond: Any) -> bool:
     if cond is None:  # e.g. a fetch that produced nothing: never guess a branch
         raise ValueError("if condition has no value")
     if isinstance(cond, paddle.Tensor):
-        if int(cond.size) != 1:
+        if math.prod(cond.shape) != 1:  # (Tensor.size goes through numpy: slow per step)
             raise ValueError(f"if condition must have one element, got shape {list(cond.shape)}")
         return bool(cond.item())
     arr = np.asarray(cond)
