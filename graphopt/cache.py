@@ -280,6 +280,18 @@ def _trace_from_dict(d: dict[str, Any]) -> TraceInfo:
                      host_bound_by_reference=list(d["host_bound_by_reference"]))
 
 
+def link_entry(src: Path, dst: Path) -> None:
+    """Make `dst` a copy of the entry at `src` (hard links when the filesystem allows)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        target = dst / f.name
+        target.unlink(missing_ok=True)
+        try:
+            os.link(f, target)
+        except OSError:
+            shutil.copy2(f, target)
+
+
 # -- the cache directory ------------------------------------------------------------------------
 class CompileCache:
     """Entries under one directory, one per key; safe for concurrent writers."""

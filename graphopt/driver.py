@@ -19,7 +19,15 @@ import paddle
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from graphopt.cache import CacheError, CompileCache, cache_key, key_material, write_entry
+from graphopt.cache import (
+    ENTRY_FILE,
+    CacheError,
+    CompileCache,
+    cache_key,
+    key_material,
+    link_entry,
+    write_entry,
+)
 from graphopt.config import validate
 from graphopt.errors import ConfigError, VerificationError, one_line
 from graphopt.ir.model_program import ModelProgram
@@ -90,9 +98,13 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
         with _timed(timings, "artifacts"):
             report.artifacts = write_artifacts(mp, cfg, pipeline, run_dir)
             if mp.program is not None:  # what graphopt.load(run_dir) reads
-                write_entry(run_dir / "compiled", cache_info.get("key", ""),
-                            cache_info.get("material") or _key_material(cfg, pm, mp.model),
-                            mp, report.passes, hazards_before)
+                entry = cache_info.get("entry")
+                if entry and Path(entry, ENTRY_FILE).is_file():  # the cache's, as is
+                    link_entry(Path(entry), run_dir / "compiled")
+                else:
+                    write_entry(run_dir / "compiled", cache_info.get("key", ""),
+                                cache_info.get("material") or _key_material(cfg, pm, mp.model),
+                                mp, report.passes, hazards_before)
                 report.artifacts["compiled"] = "compiled"
     finally:
         mp.model.restore_patches(0)
@@ -209,7 +221,7 @@ def optimize_cached(
             paddle.set_flags(dict(mp.flags))
         records = [PassRecord(r["name"], r["modified"], r["time_s"], r["stats"])
                    for r in entry.records]
-        info.update(status="hit", created=entry.created)
+        info.update(status="hit", created=entry.created, entry=str(cache.path(key)))
         return mp, records, entry.hazards_before, info
     mp, records, hazards_before = build_and_optimize(cfg, pm, rng, timings, bundle=bundle)
     if mp.program is not None:
@@ -217,6 +229,7 @@ def optimize_cached(
             stored = cache.store(key, material, mp, [r.to_dict() for r in records],
                                  hazards_before, replace=info["status"] == "rebuilt")
         info["stored"] = stored
+        info["entry"] = str(cache.path(key))  # ours, or an identical one a peer wrote first
     info["material"] = material
     return mp, records, hazards_before, info
 
