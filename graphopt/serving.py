@@ -23,7 +23,7 @@ from pathlib import Path
 
 import paddle
 
-from graphopt.cache import CacheError, CompileCache, load_entry, read_meta
+from graphopt.cache import CacheError, CompileCache, Entry, load_entry, read_meta
 from graphopt.models import build_model
 from graphopt.runtime.step import StepExecutor, WholeProgramStep
 
@@ -70,7 +70,7 @@ def load_whole(source: str | os.PathLike, *, cache_dir: str | os.PathLike | None
     return WholeProgramStep(_load(source, cache_dir).mp)
 
 
-def _load(source: str | os.PathLike, cache_dir: str | os.PathLike | None):
+def _load(source: str | os.PathLike, cache_dir: str | os.PathLike | None) -> Entry:
     path = resolve_entry(source, cache_dir)
     meta = read_meta(path)
     bundle = build_model(meta["material"]["model"])
