@@ -241,7 +241,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for x, lb in zip(xs, labels, strict=True):
         rss = result["peak_rss_mb"].get(lb)
         if rss:
-            ax2.annotate(f"peak {rss / 1024:.1f} GB", (x - 0.2, cold[x]), ha="center",
+            ax2.annotate(f"peak {rss / 1024:.1f} GiB", (x - 0.2, cold[x]), ha="center",
                          va="bottom", fontsize=7)
     ax2.set_xticks(list(xs))
     ax2.set_xticklabels(labels)
