@@ -1,7 +1,8 @@
 """graphopt: config-driven graph-optimization passes for PaddlePaddle PIR programs.
 
-Layers, each importing only those below it: ``cli`` > ``driver`` > ``verification`` /
-``report`` / ``config`` > ``runtime`` > ``passes`` > ``ir`` > ``models`` > ``errors``.
+Layers, each importing only those below it: ``cli`` > ``driver`` > ``serving`` (load a saved
+step without tracing) > ``cache`` (the compile cache) > ``report`` > ``verification`` >
+``config`` > ``runtime`` > ``passes`` > ``ir`` > ``models`` > ``errors``.
 """
 
 import os

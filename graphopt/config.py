@@ -84,6 +84,9 @@ class VerifyConfig:
     #: on a mismatch, rerun with a numeric check after each program pass and name the first
     #: pass that broke the step (IR before/after in <run_dir>/bisect/)
     bisect: bool = False
+    #: with a segment plan (what runs), also run the unsplit program against eager when it has
+    #: at most this many ops; compiling one block of 14k ops costs tens of seconds and ~1 GB
+    whole_program_max_ops: int = 4000
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -103,6 +106,16 @@ class PipelineConfig:
 
 
 @dataclass
+class CacheConfig:
+    """``cache``: the compile cache (optimized programs saved under a key, loaded back)."""
+
+    #: look the run up in the cache; on a hit skip trace and passes (verification still runs)
+    enabled: bool = False
+    #: where entries live (one directory per key); shared safely by concurrent jobs
+    dir: str = "~/.cache/graphopt"
+
+
+@dataclass
 class GraphoptConfig:
     """The top-level config of one optimize run."""
 
@@ -110,6 +123,7 @@ class GraphoptConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     #: true: the whole step must be one CUDA graph; false: capture piecewise around control flow
     full_cuda_graph: bool = False
     #: write ir/NNN_<pass>.txt after each pass

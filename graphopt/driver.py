@@ -10,20 +10,34 @@ check after every program pass (:func:`bisect`) and names the first pass that br
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import paddle
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from graphopt.cache import (
+    ENTRY_FILE,
+    CacheError,
+    CompileCache,
+    cache_key,
+    key_material,
+    link_entry,
+    write_entry,
+)
 from graphopt.config import validate
-from graphopt.errors import ConfigError, VerificationError
+from graphopt.errors import ConfigError, VerificationError, one_line
 from graphopt.ir.model_program import ModelProgram
 from graphopt.ir.trace import trace_step
 from graphopt.models import build_model
+from graphopt.models.base import ModelBundle
 from graphopt.passes.analysis.placement import hazards_of
 from graphopt.passes.base import PassRecord, Stage
 from graphopt.passes.instruments import IRDumpInstrument
@@ -37,6 +51,7 @@ from graphopt.report.report import (
     write_atomic,
     write_report,
 )
+from graphopt.runtime.executor import RunnerPool, release_interpreters
 from graphopt.verification import BisectResult, NumericsInstrument, check_numerics, check_replay
 
 
@@ -57,12 +72,22 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
     print(pm.describe())
 
     t_start = time.perf_counter()
+    timings: dict[str, float] = {}
     rng = np.random.default_rng(cfg.verify.seed)
-    mp, records, hazards_before = build_and_optimize(cfg, pm, rng)
+    if cfg.cache.enabled:
+        mp, records, hazards_before, cache_info = optimize_cached(cfg, pm, rng, timings)
+    else:
+        mp, records, hazards_before = build_and_optimize(cfg, pm, rng, timings)
+        cache_info = {"status": "off"}
     try:
-        with phase("verify", "(numerics vs eager)"):
-            numerics = check_numerics(mp, rng)
-        with phase("replay", f"({cfg.verify.steps} steps)"):
+        # one pool: the replay reuses every program the numerics check compiled
+        pool = RunnerPool(mp.params)
+        with phase("verify", "(numerics vs eager)"), _timed(timings, "verify"):
+            numerics = check_numerics(mp, rng, pool,
+                                      int(cfg.verify.get("whole_program_max_ops", 4000)))
+            hazards_after = ([h.to_dict() for h in hazards_of(mp)] if mp.program is not None
+                             else None)
+        with phase("replay", f"({cfg.verify.steps} steps)"), _timed(timings, "replay"):
             replay = check_replay(
                 mp, rng,
                 backend=str(getattr(cfg.runtime.backend, "value", cfg.runtime.backend)),
@@ -72,12 +97,24 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
                 atol=float(cfg.verify.replay_atol),
                 check_captures=bool(cfg.runtime.check_captures),
                 check_atol=float(cfg.runtime.check_captures_atol),
+                pool=pool,
             )
-        hazards_after = [h.to_dict() for h in hazards_of(mp)] if mp.program is not None else None
+        pool.clear()
+        release_interpreters()  # the checks are done: give their compiled programs back
         report = build_report(cfg, pipeline, mp, records, hazards_before, hazards_after,
                               numerics, replay, float(cfg.verify.atol))
-        with phase("artifacts"):
+        report.cache = cache_info
+        with phase("artifacts"), _timed(timings, "artifacts"):
             report.artifacts = write_artifacts(mp, cfg, pipeline, run_dir)
+            if mp.program is not None:  # what graphopt.load(run_dir) reads
+                entry = cache_info.get("entry")
+                if entry and Path(entry, ENTRY_FILE).is_file():  # the cache's, as is
+                    link_entry(Path(entry), run_dir / "compiled")
+                else:
+                    write_entry(run_dir / "compiled", cache_info.get("key", ""),
+                                cache_info.get("material") or _key_material(cfg, pm, mp.model),
+                                mp, report.passes, hazards_before)
+                report.artifacts["compiled"] = "compiled"
     finally:
         mp.model.restore_patches(0)
     bisect_line = ""
@@ -90,11 +127,19 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
             f"the step differs only when replayed: {hazards} replay hazard(s) left, host values "
             "frozen at capture" if replay.mismatches else "")
     report.time_s = round(time.perf_counter() - t_start, 3)
+    report.timings = {k: round(v, 3) for k, v in timings.items()}
+    report.memory_mb = memory_mb()
     write_report(report, run_dir)
     raising = bool(cfg.verify.fail_on_mismatch and not report.verified)
     print(summary(report, verdict=not raising))
     if bisect_line:
         print(bisect_line)
+    peak = report.memory_mb.get("peak_rss")
+    print(timing_line(report.timings, report.time_s)
+          + (f"; peak RSS {peak:.0f} MB" if peak else ""))
+    if cache_info.get("status") == "hit":
+        print(f"cache: hit ({cache_info['key']}, made {cache_info['created']}): trace and "
+              "passes skipped; the trace and pass numbers above are that run's")
     if raising:
         raise VerificationError(report.verify_message)
     return report.to_dict()
@@ -127,17 +172,24 @@ def _pipeline_label(cfg: DictConfig, pm: PassManager) -> str:
 
 
 def build_and_optimize(
-    cfg: DictConfig, pm: PassManager, rng: np.random.Generator
+    cfg: DictConfig, pm: PassManager, rng: np.random.Generator,
+    timings: dict[str, float] | None = None,
+    bundle: ModelBundle | None = None,
 ) -> tuple[ModelProgram, list[PassRecord], list[dict] | None]:
     """Build the model, run source passes, trace, run program passes.
 
     Returns ``(mp, records, hazards_before)``. The model's functions stay patched (marked) until
-    the caller runs ``mp.model.restore_patches(0)``; on error they are restored here.
+    the caller runs ``mp.model.restore_patches(0)``; on error they are restored here. With
+    `timings`, the phases' wall seconds are added to it (``build``, ``trace_unmodified``,
+    ``trace_optimized``, ``passes``). A `bundle` already built from ``cfg.model`` is used as is.
     """
-    with phase("build", f"(model={cfg.model.name})"):
-        bundle = build_model(cfg.model)
+    timings = timings if timings is not None else {}
+    if bundle is None:
+        with phase("build", f"(model={cfg.model.name})"), _timed(timings, "build"):
+            bundle = build_model(cfg.model)
     mp = ModelProgram(model=bundle, full_cuda_graph=bool(cfg.full_cuda_graph))
     mp.trace_batch = bundle.random_batch(rng, "mixed")
+    t0 = time.perf_counter()
     try:
         with phase("passes", "(source)"):
             records = pm.run(mp, Stage.SOURCE)
@@ -161,7 +213,108 @@ def build_and_optimize(
     except BaseException:
         bundle.restore_patches(0)
         raise
+    # the traces ran inside the source passes; what is left of the stage is the passes' own work.
+    # A trace of the model with no function marked is of the unmodified model.
+    unmodified = sum(t.wall_s for t in mp.traces if not t.marked)
+    modified = sum(t.wall_s for t in mp.traces if t.marked)
+    timings["trace_unmodified"] = timings.get("trace_unmodified", 0.0) + unmodified
+    timings["trace_optimized"] = timings.get("trace_optimized", 0.0) + modified
+    timings["passes"] = (timings.get("passes", 0.0) + time.perf_counter() - t0
+                         - unmodified - modified)
     return mp, records, hazards_before
+
+
+def _key_material(cfg: DictConfig, pm: PassManager, bundle: ModelBundle) -> dict[str, Any]:
+    """What the optimized step of this run depends on (see graphopt.cache.key_material)."""
+    return key_material(
+        OmegaConf.to_container(cfg.model, resolve=True),  # type: ignore[arg-type]
+        bundle.provenance,
+        pm.resolved(),
+        # the trace batch comes from verify.seed's generator
+        {"full_cuda_graph": bool(cfg.full_cuda_graph), "verify.seed": int(cfg.verify.seed)},
+    )
+
+
+def optimize_cached(
+    cfg: DictConfig, pm: PassManager, rng: np.random.Generator, timings: dict[str, float]
+) -> tuple[ModelProgram, list[PassRecord], list[dict] | None, dict[str, Any]]:
+    """:func:`build_and_optimize` through the compile cache (``cache.enabled``).
+
+    A hit loads the optimized program, prologue, flags and pass records and rebuilds the plan:
+    no trace, no passes. A miss optimizes and stores the result. An entry that cannot be used
+    (corrupt, stale) is reported in one warning line, rebuilt and replaced. Returns what
+    :func:`build_and_optimize` does, plus ``{"status": hit|miss|rebuilt, "key", ...}``.
+    """
+    with _timed(timings, "build"):
+        bundle = build_model(cfg.model)
+    material = _key_material(cfg, pm, bundle)
+    key = cache_key(material)
+    cache = CompileCache(cfg.cache.dir)
+    info: dict[str, Any] = {"status": "miss", "key": key, "dir": str(cache.dir)}
+    try:
+        with _timed(timings, "cache_load"):
+            entry = cache.load(key, bundle)
+    except CacheError as e:
+        print(f"graphopt: warning: cache entry {key} cannot be used ({one_line(e)}); "
+              "rebuilding it", file=sys.stderr)
+        entry, info["status"] = None, "rebuilt"
+    if entry is not None:
+        mp = entry.mp
+        mp.trace_batch = bundle.random_batch(rng, "mixed")  # same draws as a cold run
+        if mp.flags:
+            paddle.set_flags(dict(mp.flags))
+        records = [PassRecord(r["name"], r["modified"], r["time_s"], r["stats"])
+                   for r in entry.records]
+        info.update(status="hit", created=entry.created, entry=str(cache.path(key)))
+        return mp, records, entry.hazards_before, info
+    mp, records, hazards_before = build_and_optimize(cfg, pm, rng, timings, bundle=bundle)
+    if mp.program is not None:
+        with _timed(timings, "cache_store"):
+            stored = cache.store(key, material, mp, [r.to_dict() for r in records],
+                                 hazards_before, replace=info["status"] == "rebuilt")
+        info["stored"] = stored
+        info["entry"] = str(cache.path(key))  # ours, or an identical one a peer wrote first
+    info["material"] = material
+    return mp, records, hazards_before, info
+
+
+#: the phases of one run, in the order ``report.json`` and the CLI list them
+PHASES = ("build", "cache_load", "trace_unmodified", "trace_optimized", "passes", "cache_store",
+          "verify", "replay", "artifacts")
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the wall time of the block to ``timings[phase]``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - t0
+
+
+def memory_mb() -> dict[str, float]:
+    """This process's resident memory now and at its peak, in MB (Linux; empty elsewhere)."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key = "peak_rss" if line.startswith("VmHWM") else "rss"
+                    out[key] = round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return out
+
+
+def timing_line(timings: dict[str, float], total: float) -> str:
+    """``timings: build 1.2 s, trace_unmodified 3.1 s, ... (other 0.4 s), total 10.8 s``."""
+    keys = [k for k in PHASES if k in timings] + [k for k in timings if k not in PHASES]
+    parts = [f"{k} {timings[k]:.1f} s" for k in keys]
+    other = total - sum(timings.values())
+    if other >= 0.05:
+        parts.append(f"other {other:.1f} s")
+    return f"timings: {', '.join(parts)}; total {total:.1f} s"
 
 
 def hydra_run_dir() -> Path:

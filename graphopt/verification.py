@@ -24,24 +24,31 @@ import numpy as np
 import paddle
 
 from graphopt.ir.model_program import ModelProgram
-from graphopt.ir.pir_utils import program_text
+from graphopt.ir.pir_utils import op_count, program_text
 from graphopt.models.base import BATCH_KINDS
 from graphopt.passes.base import Pass, PassResult, Stage
 from graphopt.passes.instruments import PassInstrument
+from graphopt.runtime.executor import RunnerPool
 from graphopt.runtime.step import StepExecutor, WholeProgramStep
 from graphopt.runtime.variants import VariantStepExecutor
 
 
-def max_abs_err(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    """Largest absolute difference over paired arrays (inf when shapes differ)."""
+def max_abs_err(a: list[Any], b: list[Any]) -> float:
+    """Largest absolute difference over paired tensors or arrays (inf when shapes differ)."""
     err = 0.0
     for x, y in zip(a, b, strict=True):
-        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        x, y = _array(x), _array(y)
         if x.shape != y.shape:
             return float("inf")
         if x.size:
             err = max(err, float(np.max(np.abs(x - y))))
     return err
+
+
+def _array(x: Any) -> np.ndarray:
+    if isinstance(x, paddle.Tensor):
+        x = x.numpy()
+    return np.asarray(x, dtype=np.float64)
 
 
 @dataclass
@@ -54,21 +61,39 @@ class Numerics:
     ran: str = ""
     #: with variants: the variant (or general program) each batch kind was dispatched to
     dispatched: dict[str, str] = field(default_factory=dict)
+    #: why the unsplit program was not compared (None: it was, or there is none)
+    whole_program_skipped: str | None = None
 
 
-def check_numerics(mp: ModelProgram, rng: np.random.Generator) -> Numerics:
-    """One step of each kind, optimized vs eager, on the same cache state."""
+def check_numerics(mp: ModelProgram, rng: np.random.Generator,
+                   pool: RunnerPool | None = None, whole_program_max_ops: int = 4000
+                   ) -> Numerics:
+    """One step of each kind, optimized vs eager, on the same cache state.
+
+    With a segment plan, the segments are what runs and what is checked; the unsplit program is
+    checked too when it has at most `whole_program_max_ops` ops (it is what the plan was cut
+    from, and compiling it as one block grows faster than its size). `pool` shares compiled
+    programs with the other checks (the replay reuses every segment runner built here)."""
     bundle = mp.model
     out = Numerics()
     step = None
-    if mp.variants:
-        step = VariantStepExecutor(mp, backend="none", capture_sizes=[1], num_warmups=0)
-        out.ran = "variants (uncaptured)"
-    elif mp.segments is not None:
-        step = StepExecutor(mp, backend="none", capture_sizes=[1], num_warmups=0)
-        out.ran = "segments (uncaptured)"
+    whole = False
+    if mp.segments is not None:
+        if mp.variants:
+            step = VariantStepExecutor(mp, backend="none", capture_sizes=[1], num_warmups=0,
+                                       pool=pool)
+            out.ran = "variants (uncaptured)"
+        else:
+            step = StepExecutor(mp, backend="none", capture_sizes=[1], num_warmups=0, pool=pool)
+            out.ran = "segments (uncaptured)"
+        ops = op_count(mp.program)
+        whole = ops <= whole_program_max_ops
+        if not whole:
+            out.whole_program_skipped = (
+                f"the unsplit program has {ops} ops > verify.whole_program_max_ops="
+                f"{whole_program_max_ops}; what runs was checked")
     elif mp.program is not None:
-        step = WholeProgramStep(mp)
+        step = WholeProgramStep(mp, pool)
         out.ran = "whole program"
     else:
         out.ran = f"SOT's {mp.trace.subgraphs} graphs"
@@ -80,7 +105,7 @@ def check_numerics(mp: ModelProgram, rng: np.random.Generator) -> Numerics:
                 got = [o.numpy() for o in _flat(mp.sot_step(*batch.args, batch.meta))]
         else:
             got = step.run(batch)
-            if isinstance(step, (StepExecutor, VariantStepExecutor)):
+            if whole and isinstance(step, (StepExecutor, VariantStepExecutor)):
                 out.whole_program[kind] = max_abs_err(step.run_whole(batch), eager)
             if isinstance(step, VariantStepExecutor):
                 out.dispatched[kind] = step.last_target
@@ -114,7 +139,8 @@ class Replay:
 
 def check_replay(mp: ModelProgram, rng: np.random.Generator, *, backend: str, steps: int,
                  capture_sizes: list[int], num_warmups: int, atol: float,
-                 check_captures: bool = False, check_atol: float = 1e-4) -> Replay:
+                 check_captures: bool = False, check_atol: float = 1e-4,
+                 pool: RunnerPool | None = None) -> Replay:
     """`steps` random steps of mixed kinds through the capture backend, each vs eager.
 
     With variants, each step is dispatched to its variant (one graph per (variant, size));
@@ -131,7 +157,7 @@ def check_replay(mp: ModelProgram, rng: np.random.Generator, *, backend: str, st
     runner = VariantStepExecutor if mp.variants else StepExecutor
     executor = runner(mp, backend=backend, capture_sizes=capture_sizes,
                       num_warmups=num_warmups, check_captures=check_captures,
-                      check_atol=check_atol)
+                      check_atol=check_atol, pool=pool)
     kinds = [BATCH_KINDS[i % len(BATCH_KINDS)] for i in range(steps)]
     rng.shuffle(kinds)
     errs = []

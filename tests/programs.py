@@ -245,5 +245,5 @@ def data_names(program: paddle.pir.Program) -> list[str]:
 
 def run_program(program: paddle.pir.Program, params: dict[str, Any],
                 feeds: dict[str, Any]) -> list[np.ndarray]:
-    """One-shot: run `program` once with the plain executor and return its outputs."""
-    return ProgramRunner(program, params).run(feeds)
+    """One-shot: run `program` once and return its outputs as arrays."""
+    return [o.numpy() for o in ProgramRunner(program, params).run(feeds)]

@@ -22,6 +22,7 @@ from graphopt.errors import ConfigError
 from graphopt.ir.segment_plan import CAPTURED
 from graphopt.passes.registry import get_pass
 from graphopt.runtime.capture import CaptureManager, EmulatorBackend
+from graphopt.runtime.executor import RunnerPool
 from graphopt.runtime.step import NO_PLAN, StepExecutor
 from tests import programs as P
 
@@ -34,6 +35,11 @@ def _mp(built, blacklist=("pd_op.if",)):
     return mp
 
 
+def _np(outs) -> list[np.ndarray]:
+    """Step outputs (tensors) as arrays."""
+    return [o.numpy() for o in outs]
+
+
 def _random_steps(ex: StepExecutor, steps: int, seed: int) -> tuple[int, int]:
     """Random steps on ONE shared meta (host values updated in place, as a server does);
     returns (mismatching steps, steps)."""
@@ -44,8 +50,8 @@ def _random_steps(ex: StepExecutor, steps: int, seed: int) -> tuple[int, int]:
         t = int(rng.integers(1, SIZES[-1] + 1))
         prefill, decode = (int(b) for b in rng.integers(0, 2, 2))
         batch = P.make_batch(t, [t, prefill * t, decode * t], rng, meta)
-        got = ex.run(batch)
-        want = ex.run_whole(batch)
+        got = _np(ex.run(batch))
+        want = _np(ex.run_whole(batch))
         assert got[0].shape == want[0].shape == (t, P.HIDDEN)  # logits cut back to T rows
         assert got[1].shape == want[1].shape  # state: full size
         err = max(float(np.abs(a - b).max()) for a, b in zip(got, want, strict=True))
@@ -105,13 +111,13 @@ def test_padding_to_capture_size():
     ex = StepExecutor(mp, "emulator", SIZES, 0)
     rng = np.random.default_rng(1)
     batch = P.make_batch(3, [3, 3, 0], rng)
-    got = ex.run(batch)
+    got = _np(ex.run(batch))
     assert mp.model.pad_calls == [(3, 4)]
     decode_if = [s for s in mp.segments.segments if s.is_branching][1]
     not_taken = {s.id for s in decode_if.branches["true"]}  # max_len[2] == 0: no decode
     assert set(ex.capture.graphs) == {(s.id, 4) for s in mp.segments.captured
                                       if s.id not in not_taken}
-    want = ex.run_whole(batch)
+    want = _np(ex.run_whole(batch))
     assert got[0].shape == (3, P.HIDDEN)
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
 
@@ -122,7 +128,7 @@ def test_eager_fallback_for_batches_above_largest_size(caplog):
     rng = np.random.default_rng(2)
     batch = P.make_batch(11, [11, 11, 11], rng)
     with caplog.at_level(logging.INFO, logger="graphopt.runtime.capture"):
-        got = ex.run(batch)
+        got = _np(ex.run(batch))
         ex.run(batch)
     st = ex.stats()
     assert st["eager_fallbacks"] == 2 and st["graphs_captured"] == 0 and st["replays"] == 0
@@ -131,11 +137,13 @@ def test_eager_fallback_for_batches_above_largest_size(caplog):
     assert [r.levelno for r in caplog.records if reason in r.getMessage()] == [
         logging.WARNING, logging.INFO]  # loud once, quiet after
     assert mp.model.pad_calls == []
-    want = ex.run_whole(batch)
+    want = _np(ex.run_whole(batch))
     assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
 
 
-def test_feeds_are_taken_by_value():
+def test_inputs_are_read_every_step_never_bound():
+    """A step reads the tensors the batch holds when it runs: a meta tensor REPLACED between
+    steps (what Paddle's by-reference binding misses) is seen, and the prologue follows it."""
     mp = _mp(P.build_cond_program(hoisted=True))
     ex = StepExecutor(mp, "none", SIZES, 0)
     batch = P.make_batch(2, [2, 2, 0], np.random.default_rng(3))
@@ -143,8 +151,14 @@ def test_feeds_are_taken_by_value():
     assert sorted(feeds) == ["arg.0", "hoisted.0", "hoisted.1", "meta.caches.0",
                              "meta.max_len_tensor_cpu"]
     assert feeds["hoisted.0"].tolist() == [True] and feeds["hoisted.1"].tolist() == [False]
-    feeds["arg.0"][:] = 123.0  # a copy: the batch's tensor is untouched
-    assert float(np.abs(batch.args[0].numpy()).max()) < 100
+    first = _np(ex.run(batch))
+    batch.meta.max_len_tensor_cpu = P.paddle.to_tensor(np.asarray([2, 0, 2], dtype="int32"))
+    feeds = ex.feeds(batch)
+    assert feeds["hoisted.0"].tolist() == [False] and feeds["hoisted.1"].tolist() == [True]
+    second = _np(ex.run(batch))
+    assert not np.array_equal(first[0], second[0])
+    assert all(np.array_equal(a, b) for a, b in
+               zip(second, _np(ex.run_whole(batch)), strict=True))
 
 
 def test_backend_errors():
@@ -161,7 +175,7 @@ def test_backend_errors():
 def test_static_input_buffers_keep_their_shape():
     mp = _mp(P.build_cond_program(hoisted=True))
     seg = next(s for s in mp.segments.captured if s.kind == CAPTURED)
-    mgr = CaptureManager(EmulatorBackend(mp.params), SIZES, 0)
+    mgr = CaptureManager(EmulatorBackend(RunnerPool(mp.params)), SIZES, 0)
     feeds = {n: np.ones((4, P.HIDDEN), "float32") for n in seg.feed_names}
     mgr.run(seg, 4, feeds)
     with pytest.raises(ValueError, match="captured with"):

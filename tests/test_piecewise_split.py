@@ -18,7 +18,7 @@ from graphopt.passes.base import Stage
 from graphopt.passes.piecewise_split import build_plan
 from graphopt.passes.registry import get_pass
 from graphopt.report.picture import draw_plan
-from graphopt.runtime.step import run_plan
+from graphopt.runtime.step import run_plan as _run_plan
 from tests import programs as P
 from tests.filecheck import filecheck
 from tests.programs import run_program
@@ -185,6 +185,11 @@ def test_copy_extraction_equals_clone_fold_prune(which, seed, nested):
         a = run_program(seg.program, built.params, feeds)
         b = run_program(pruned, built.params, feeds)
         assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def run_plan(plan, params, feeds) -> list[np.ndarray]:
+    """The plan's outputs (tensors) as arrays."""
+    return [o.numpy() for o in _run_plan(plan, params, feeds)]
 
 
 # -- numerics: all segments in order == the whole program ---------------------------------------

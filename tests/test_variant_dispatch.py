@@ -47,8 +47,12 @@ def _step(rng, meta, kind, t):
     return P.make_batch(t, [t, p * t, d * t], rng, meta)
 
 
+def _np(outs) -> list[np.ndarray]:
+    return [np.asarray(o) for o in outs]
+
+
 def _compare(ex, batch) -> float:
-    got, want = ex.run(batch), ex.run_whole(batch)
+    got, want = _np(ex.run(batch)), _np(ex.run_whole(batch))
     assert got[0].shape == want[0].shape == (batch.num_tokens, P.HIDDEN)
     return max(float(np.abs(a - b).max()) for a, b in zip(got, want, strict=True))
 
@@ -157,8 +161,8 @@ class CorruptingBackend(EmulatorBackend):
     """The emulator, except that the first replay of the graph captured at `bad_size` adds
     `delta` to its first output: a silently wrong captured graph."""
 
-    def __init__(self, params, bad_size: int, delta: float = 0.5) -> None:
-        super().__init__(params)
+    def __init__(self, pool, bad_size: int, delta: float = 0.5) -> None:
+        super().__init__(pool)
         self.bad_size, self.delta = bad_size, delta
         self.corrupted: set[tuple[int, int]] = set()
 
@@ -172,9 +176,9 @@ class CorruptingBackend(EmulatorBackend):
 
 
 def _corrupting(bad_size: int):
-    def factory(name, params):
-        return CorruptingBackend(params, bad_size) if name == "emulator" else make_backend(
-            name, params)
+    def factory(name, pool):
+        return CorruptingBackend(pool, bad_size) if name == "emulator" else make_backend(
+            name, pool)
     return factory
 
 
@@ -204,7 +208,7 @@ def test_checked_captures_in_the_piecewise_runner():
     mp = P.model_program(P.build_cond_program(hoisted=True))
     PassManager.from_config(["piecewise-split"], {}).run(mp)
     ex = StepExecutor(mp, "emulator", SIZES, 0, check_captures=True, check_atol=0.0)
-    ex.capture.backend = CorruptingBackend(mp.params, bad_size=8)
+    ex.capture.backend = CorruptingBackend(ex.pool, bad_size=8)
     rng = np.random.default_rng(9)
     meta = P.make_meta([1, 1, 1], rng)
     for t in (6, 7):

@@ -79,7 +79,10 @@ class TraceInfo:
     graph_breaks: list[GraphBreak] = field(default_factory=list)
     compile_count: int = 0
     ops: int = 0
+    #: seconds SOT took to translate and run the step
     time_s: float = 0.0
+    #: seconds of the whole trace: SOT plus reading its results and adopting its program
+    wall_s: float = 0.0
     #: source patches applied to the model when this trace ran
     marked: int = 0
     #: meta tensors that SOT bound as builtin.parameter (captured by reference): fed by value now.
@@ -106,6 +109,7 @@ class TraceInfo:
             "compile_count": self.compile_count,
             "ops": self.ops,
             "time_s": round(self.time_s, 4),
+            "wall_s": round(self.wall_s, 4),
             "marked": self.marked,
             "host_bound_by_reference": list(self.host_bound_by_reference),
         }
@@ -251,8 +255,9 @@ class ModelProgram:
 
     model: ModelBundle
     program: paddle.pir.Program | None = None
-    #: builtin.parameter name -> value (weights). Host inputs are never here: they are feeds.
-    params: dict[str, np.ndarray] = field(default_factory=dict)
+    #: builtin.parameter name -> value (weights; tensors sharing the model's memory, or arrays).
+    #: Host inputs are never here: they are feeds.
+    params: dict[str, paddle.Tensor | np.ndarray] = field(default_factory=dict)
     #: names of pd_op.data feeds that carry runtime host values (seed of the placement analysis).
     host_inputs: list[str] = field(default_factory=list)
     prologue: HostPrologue | None = None

@@ -9,6 +9,7 @@ and :func:`original_location` translates.
 
 from __future__ import annotations
 
+import functools
 import io
 import linecache
 import os
@@ -67,6 +68,13 @@ def is_library_file(path: str) -> bool:
         return True
     if is_rewritten(path):
         path = _REWRITES[path].original_file
+    return _is_library_path(path)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_library_path(path: str) -> bool:
+    # resolving a path costs system calls, and a deep program names the same few files for
+    # each of its thousands of ops
     try:
         resolved = Path(path).resolve()
     except OSError:

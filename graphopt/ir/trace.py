@@ -22,13 +22,16 @@ input tensors in ``concrete_program.inputs`` order, and we record that call.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
 import paddle
-from paddle.jit.dy2static import parameter_recorder
+from paddle.jit.dy2static import convert_call_func, parameter_recorder
 from paddle.jit.sot.infer_meta import InferMetaCache, LayerInferMetaCache, VariableCreator
+from paddle.jit.sot.opcode_translator.executor import executor_cache
 from paddle.jit.sot.opcode_translator.executor.executor_cache import OpcodeExecutorCache
 from paddle.jit.sot.symbolic.compile_cache import CompileSIRCache, FallbackWrapper
 from paddle.jit.sot.utils.envs import (
@@ -40,7 +43,12 @@ from paddle.jit.sot.utils.info_collector import InfoCollector, InfoType
 
 from graphopt.errors import TraceError
 from graphopt.ir.model_program import GraphBreak, ModelProgram, TraceInfo
-from graphopt.ir.pir_utils import add_data_op, clone_program_with_mapping, op_count
+from graphopt.ir.pir_utils import (
+    add_data_op,
+    clone_program_with_mapping,
+    op_count,
+    release_native_memory,
+)
 from graphopt.ir.sources import user_frames
 from graphopt.models.base import StepBatch, meta_tensor_fields
 
@@ -67,6 +75,70 @@ def _sot_collectors() -> Iterator[dict]:
             yield calls
     finally:
         FallbackWrapper.__call__ = original_call
+
+
+class _YoungCollections:
+    """Stands in for the ``gc`` module inside SOT's translator: its ``collect()`` after every
+    translation becomes a young-generation collection (see :func:`_cheap_collections`)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(gc, name)
+
+    @staticmethod
+    def collect(generation: int = 0) -> int:
+        return gc.collect(0)
+
+
+@contextlib.contextmanager
+def _cheap_collections() -> Iterator[None]:
+    """Make SOT's garbage collections cheap for the duration of a trace.
+
+    SOT runs a full ``gc.collect()`` after every translation; on a deep model that walks every
+    live object each time (more than half of a 61-layer trace, and more still once earlier
+    traces' programs are kept alive on purpose, see :func:`_reset_sot_caches`). Objects that
+    exist before the trace are frozen (not walked, never freed by a collection), and SOT's
+    collections only look at the youngest generation; cyclic garbage of the translation is
+    still found by Python's automatic collections. Nothing is freed that would not have been.
+    """
+    gc.collect()
+    gc.freeze()
+    saved = executor_cache.gc
+    executor_cache.gc = _YoungCollections()
+    try:
+        yield
+    finally:
+        executor_cache.gc = saved
+        gc.unfreeze()
+
+
+@contextlib.contextmanager
+def _memoized_support_checks() -> Iterator[None]:
+    """Answer dy2static's "is this function left as is?" once per function during a trace.
+
+    ``convert_call_func.is_unsupported`` rebuilds the list of every function of a dozen
+    built-in modules on each call, and a marked function's body makes thousands of calls
+    (about a tenth of an 8-layer trace). Its answer depends only on the function (for a bound
+    method: on its function, module and code), so it is kept for the trace, with the function,
+    so a recycled id cannot hit.
+    """
+    original = convert_call_func.is_unsupported
+    seen: dict[int, tuple[Any, bool]] = {}
+
+    def is_unsupported(func: Any) -> bool:
+        # a bound method is made anew at each attribute access; its function is what decides
+        key = func.__func__ if isinstance(func, types.MethodType) else func
+        hit = seen.get(id(key))
+        if hit is not None and hit[0] is key:
+            return hit[1]
+        answer = original(func)
+        seen[id(key)] = (key, answer)
+        return answer
+
+    convert_call_func.is_unsupported = is_unsupported
+    try:
+        yield
+    finally:
+        convert_call_func.is_unsupported = original
 
 
 #: every compiled SOT graph we made SOT forget; see _reset_sot_caches.
@@ -144,9 +216,10 @@ def trace_step(mp: ModelProgram, batch: StepBatch) -> Any:
     """Trace `batch` through SOT; append to ``mp.traces`` and, for a single graph, set
     ``mp.program``. Returns the step's outputs as SOT computed them."""
     layer = mp.model.layer
+    t_wall = time.perf_counter()
     _reset_sot_caches()
     t0 = time.perf_counter()
-    with _sot_collectors() as calls:
+    with _cheap_collections(), _memoized_support_checks(), _sot_collectors() as calls:
         static_fn = paddle.jit.to_static(layer.forward, full_graph=False)
         with paddle.no_grad():
             outs = static_fn(*batch.args, batch.meta)
@@ -178,6 +251,10 @@ def trace_step(mp: ModelProgram, batch: StepBatch) -> Any:
         mp.program = None
         mp.params = {}
         mp.properties.discard("single-graph")
+    # SOT ran its graph(s) once; their interpreters are not needed for what follows (the step's
+    # program is ours now) and are the largest thing the trace leaves behind
+    release_native_memory()
+    mp.trace.wall_s = time.perf_counter() - t_wall
     return outs
 
 
@@ -203,7 +280,7 @@ def _adopt_program(mp: ModelProgram, wrapper: Any, inputs: tuple, batch: StepBat
             # A tensor the model holds that is not a parameter (a buffer, e.g. a RoPE table):
             # constant for the step, so its value travels with the weights as a `const.` feed.
             name = f"const.{len([n for n in params if n.startswith('const.')])}"
-            params[name] = tensor.numpy()
+            params[name] = tensor.detach()
         op = mapping.look_up(value).get_defining_op()
         op.set_str_attr("name", name)
 
@@ -218,7 +295,7 @@ def _adopt_program(mp: ModelProgram, wrapper: Any, inputs: tuple, batch: StepBat
         pname = op.attrs()["parameter_name"]
         meta_name = by_id.get(id(tensor))
         if meta_name is None:
-            params[pname] = tensor.numpy()
+            params[pname] = tensor.detach()  # shares the model's memory: no copy of weights
             continue
         by_reference.append(meta_name)
         # a tensor read outside a marked function too is already a feed: use that one

@@ -5,7 +5,8 @@ Python. ``paddle.jit.marker.capture_control_flow`` makes SOT convert a function 
 path instead, which turns such an ``if`` into a ``pd_op.if`` op inside one graph. This is what the
 seed change did by hand for DeepSeek-V3 in FastDeploy; here it is done for any model:
 
-* ``mode=explicit``: the qualified names in ``targets`` are marked;
+* ``mode=explicit``: the qualified names in ``targets`` are marked, then the model is traced
+  once (no trace of the unmodified model: the report has no "before" numbers);
 * ``mode=auto``: trace, read SOT's break reasons, mark the user function each break points at,
   retrace; repeat until no break is left or no progress is made.
 
@@ -112,19 +113,21 @@ class CaptureControlFlow(Pass):
         batch = mp.trace_batch
         if batch is None:
             raise ConfigError("capture-control-flow needs a trace batch (mp.trace_batch)")
-        trace_step(mp, batch)
-        before = len(mp.trace.graph_breaks)
         marked_before = len(mp.marked)
         rounds = 0
+        before: int | None = None
         if self.options.mode is Mode.explicit:
+            # The targets are known: no trace of the unmodified model is needed to find them,
+            # so none is made (the report then has no "before" numbers rather than made-up ones).
             targets = [_resolve_qualname(q) for q in self.options.targets]
             for t in targets:
                 self._check_markable(mp, t)
-            if targets:
-                self._mark(mp, targets)
-                trace_step(mp, batch)
-                rounds = 1
+            self._mark(mp, targets)
+            trace_step(mp, batch)
+            rounds = 1
         else:
+            trace_step(mp, batch)
+            before = len(mp.trace.graph_breaks)
             while mp.trace.graph_breaks and rounds < self.options.max_rounds:
                 targets = self._targets_from_breaks(mp)
                 if not targets:

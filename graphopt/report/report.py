@@ -43,8 +43,8 @@ class Report:
     #: the last trace; ``traces[0]`` is the unmodified model's
     trace: dict[str, Any]
     traces: list[dict[str, Any]]
-    #: SOT break records before (unmodified model) and after (the last trace)
-    graph_breaks: dict[str, int]
+    #: SOT break records before (unmodified model; None when it was not traced) and after
+    graph_breaks: dict[str, int | None]
     #: functions capture-control-flow marked, with file:line and in-memory rewrites
     marked: list[dict[str, Any]]
     #: replay hazards before the program passes and after them (None: no single program)
@@ -58,6 +58,8 @@ class Report:
     numerics: dict[str, float]
     numerics_whole_program: dict[str, float]
     numerics_ran: str
+    #: why numerics_whole_program is empty (None when it was measured or there is no plan)
+    numerics_whole_program_skipped: str | None
     replay: dict[str, Any]
     warnings: list[str]
     verified: bool
@@ -76,11 +78,20 @@ class Report:
     time_s: float = 0.0
     #: verify.bisect=true on a mismatch: the checks after each program pass and the culprit
     bisect: dict[str, Any] | None = None
+    #: wall seconds per phase: build, trace_unmodified, trace_optimized, passes, verify,
+    #: replay, artifacts (the rest of ``time_s`` is bookkeeping between them)
+    timings: dict[str, float] = field(default_factory=dict)
+    #: this process's resident memory at the end and its peak over the run (MB)
+    memory_mb: dict[str, float] = field(default_factory=dict)
+    #: the compile cache: {"status": off|hit|miss|rebuilt, "key", "dir", ...}
+    cache: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": self.schema_version,
-                **{k: v for k, v in asdict(self).items() if k != "schema_version"}}
+        d = {"schema_version": self.schema_version,
+             **{k: v for k, v in asdict(self).items() if k != "schema_version"}}
+        d["cache"] = {k: v for k, v in self.cache.items() if k != "material"}
+        return d
 
 
 def build_report(cfg: Any, pipeline: dict[str, Any], mp: ModelProgram,
@@ -109,7 +120,9 @@ def build_report(cfg: Any, pipeline: dict[str, Any], mp: ModelProgram,
         passes=[r.to_dict() for r in records],
         trace=last.to_dict(),
         traces=[t.to_dict() for t in mp.traces],
-        graph_breaks={"before": len(first.graph_breaks), "after": len(last.graph_breaks)},
+        # no trace of the unmodified model (explicit targets): no "before", rather than a wrong one
+        graph_breaks={"before": None if first.marked else len(first.graph_breaks),
+                      "after": len(last.graph_breaks)},
         marked=[m.to_dict() for m in mp.marked],
         hazards={
             "before": None if hazards_before is None else len(hazards_before),
@@ -124,6 +137,7 @@ def build_report(cfg: Any, pipeline: dict[str, Any], mp: ModelProgram,
         numerics=numerics.optimized,
         numerics_whole_program=numerics.whole_program,
         numerics_ran=numerics.ran,
+        numerics_whole_program_skipped=numerics.whole_program_skipped,
         replay=replay.to_dict(),
         warnings=warnings,
         verified=True,
@@ -276,10 +290,15 @@ def summary(r: Report, verdict: bool = True) -> str:
     """
     first, last = r.traces[0], r.traces[-1]
     hz = r.hazards
+    if r.graph_breaks["before"] is None:
+        breaks = (f"graph breaks: {r.graph_breaks['after']} (SOT graphs {last['subgraphs']}, "
+                  f"{last['ops']} ops; the unmodified model was not traced)")
+    else:
+        breaks = (f"graph breaks: {r.graph_breaks['before']} -> {r.graph_breaks['after']} "
+                  f"(SOT graphs {first['subgraphs']} -> {last['subgraphs']}, graph runs per step "
+                  f"{first['graph_runs']} -> {last['graph_runs']}; {last['ops']} ops)")
     lines = [
-        f"graph breaks: {r.graph_breaks['before']} -> {r.graph_breaks['after']} "
-        f"(SOT graphs {first['subgraphs']} -> {last['subgraphs']}, graph runs per step "
-        f"{first['graph_runs']} -> {last['graph_runs']}; {last['ops']} ops)",
+        breaks,
         (f"replay hazards: {hz['before']} -> {hz['after']}" if hz["before"] is not None else
          f"replay hazards: n/a (the step is {r.trace['subgraphs']} SOT graphs, not one program)"),
         f"blacklist: {','.join(r.blacklist) or '(empty)'}",
@@ -302,6 +321,8 @@ def summary(r: Report, verdict: bool = True) -> str:
                      f"capture coverage {seg['coverage']:.4f}")
     num = ", ".join(f"{k} {v:.1e}" for k, v in r.numerics.items())
     lines.append(f"numerics vs eager (max abs err, {r.numerics_ran}): {num}")
+    if r.numerics_whole_program_skipped:
+        lines.append(f"unsplit program not compared: {r.numerics_whole_program_skipped}")
     rp = r.replay
     if rp.get("steps"):
         lines.append(f"replay {rp['backend']}: {rp['steps']} steps, {rp['mismatches']} mismatches"

@@ -40,7 +40,7 @@ from graphopt.ir.pir_utils import (
 )
 from graphopt.ir.program_index import ProgramIndex
 from graphopt.ir.segment_plan import Segment
-from graphopt.runtime.executor import ProgramRunner
+from graphopt.runtime.executor import ProgramRunner, RunnerPool, as_tensor
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +52,20 @@ class CaptureBackend(ABC):
 
     name: str = ""
 
-    def __init__(self, params: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, params: Mapping[str, Any]) -> None:
         self.params = params
         self._uncaptured: dict[int, ProgramRunner] = {}
 
     @abstractmethod
-    def warmup(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> None:
+    def warmup(self, seg: Segment, feeds: Mapping[str, paddle.Tensor]) -> None:
         """Run the segment once, uncaptured (allocator / autotuning warm-up)."""
 
     @abstractmethod
-    def capture(self, seg: Segment, size: int, feeds: Mapping[str, np.ndarray]) -> Any:
+    def capture(self, seg: Segment, size: int, feeds: Mapping[str, paddle.Tensor]) -> Any:
         """Capture the segment at capture size `size` with these inputs; return the graph."""
 
     @abstractmethod
-    def replay(self, graph: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def replay(self, graph: Any, feeds: Mapping[str, paddle.Tensor]) -> list[paddle.Tensor]:
         """Copy `feeds` into the graph's static inputs, replay, return the live-out values."""
 
     def run_uncaptured(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -84,17 +84,21 @@ class EmulatedGraph:
 
     segment_id: int
     size: int
-    static_inputs: dict[str, np.ndarray]
+    static_inputs: dict[str, paddle.Tensor]
     #: data-op name in the replay program -> the HOST_RUNTIME value recorded at capture
-    frozen: dict[str, np.ndarray] = field(default_factory=dict)
+    frozen: dict[str, paddle.Tensor] = field(default_factory=dict)
+    #: what the capture run computed: the first replay's result (same inputs, frozen values
+    #: just recorded), handed out once instead of running the segment a second time
+    first_outputs: list[paddle.Tensor] | None = None
 
 
 class _EmulatedSegment:
     """The per-segment programs of the emulator: capture (extra outputs for the host values)
     and replay (host values replaced by data ops)."""
 
-    def __init__(self, seg: Segment, params: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, seg: Segment, pool: RunnerPool) -> None:
         assert seg.program is not None
+        params = pool.params
         idx = ProgramIndex(seg.program)
         # only top-level dense values can be fetched at capture and fed back on replay; host
         # values nested in a captured (non-blacklisted) if are left as they are
@@ -103,8 +107,8 @@ class _EmulatedSegment:
         self.frozen_names = [f"seg{seg.id}.frozen{i}" for i in range(len(keys))]
         self.n_out = len(seg.live_out)
         self.outputs_from_frozen: dict[int, str] = {}
-        if not keys:
-            self.capture_runner = ProgramRunner(seg.program, params)
+        if not keys:  # nothing to freeze: the segment's own (shared) runner does it all
+            self.capture_runner = pool.get(seg.program)
             self.replay_runner = self.capture_runner
             return
         cap = clone_program(seg.program)
@@ -114,9 +118,9 @@ class _EmulatedSegment:
         self.capture_runner = ProgramRunner(cap, params, fetch=output_values(cap))
         rep = _frozen_variant(seg.program, keys, self.frozen_names)
         self.replay_runner = ProgramRunner(rep, params)
-        # a live-out that is itself a frozen value is now a data op, and the executor returns
-        # None when fetching a fed variable: such outputs are filled from the recorded values
-        # (on a GPU the output buffer simply still holds the capture-time value)
+        # a live-out that is itself a frozen value is now a data op: such outputs are filled
+        # from the recorded values (on a GPU the output buffer still holds the capture-time
+        # value)
         for i, v in enumerate(output_values(rep)):
             op = v.get_defining_op()
             if op.name() == "pd_op.data" and op.attrs()["name"] in self.frozen_names:
@@ -146,33 +150,43 @@ class EmulatorBackend(CaptureBackend):
 
     name = "emulator"
 
-    def __init__(self, params: Mapping[str, np.ndarray]) -> None:
-        super().__init__(params)
+    def __init__(self, pool: RunnerPool) -> None:
+        super().__init__(pool.params)
+        self.pool = pool
         self._segments: dict[int, _EmulatedSegment] = {}
 
     def _seg(self, seg: Segment) -> _EmulatedSegment:
         em = self._segments.get(seg.id)
         if em is None:
-            em = self._segments[seg.id] = _EmulatedSegment(seg, self.params)
+            em = self._segments[seg.id] = _EmulatedSegment(seg, self.pool)
         return em
 
-    def warmup(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> None:
-        self._seg(seg).capture_runner.run(feeds)
+    def warmup(self, seg: Segment, feeds: Mapping[str, paddle.Tensor]) -> None:
+        # A warm-up fills allocator pools and picks kernels on a GPU; on the CPU there is
+        # nothing to emulate (its outputs are thrown away), so the run is counted, not made.
+        self._seg(seg)
 
-    def capture(self, seg: Segment, size: int, feeds: Mapping[str, np.ndarray]) -> EmulatedGraph:
+    def capture(self, seg: Segment, size: int, feeds: Mapping[str, paddle.Tensor]
+                ) -> EmulatedGraph:
         em = self._seg(seg)
         outs = em.capture_runner.run(feeds)
-        recorded = outs[em.n_out:]
-        static = {n: np.array(feeds[n], copy=True) for n in seg.feed_names}
-        frozen = {n: np.array(v, copy=True) for n, v in zip(em.frozen_names, recorded, strict=True)}
-        return EmulatedGraph(seg.id, size, static, frozen)
+        recorded = outs[em.n_out:]  # fresh tensors: no later run writes into them
+        static = {n: as_tensor(feeds[n]).clone() for n in seg.feed_names}
+        frozen = dict(zip(em.frozen_names, recorded, strict=True))
+        return EmulatedGraph(seg.id, size, static, frozen, first_outputs=outs[:em.n_out])
 
-    def replay(self, graph: EmulatedGraph, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def replay(self, graph: EmulatedGraph, feeds: Mapping[str, paddle.Tensor]
+               ) -> list[paddle.Tensor]:
         _copy_into_static(graph.static_inputs, feeds, graph.segment_id)
+        if graph.first_outputs is not None:
+            # the replay right after the capture: same inputs, and the frozen host values are
+            # the ones this very run computed, so the replay would compute exactly these
+            outs, graph.first_outputs = graph.first_outputs, None
+            return outs
         em = self._segments[graph.segment_id]
         outs = em.replay_runner.run({**graph.static_inputs, **graph.frozen})
         for i, name in em.outputs_from_frozen.items():
-            outs[i] = np.array(graph.frozen[name], copy=True)
+            outs[i] = graph.frozen[name].clone()
         return outs
 
     def run_uncaptured(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -180,17 +194,20 @@ class EmulatorBackend(CaptureBackend):
         return em.capture_runner.run(feeds)[: em.n_out]
 
 
-def _copy_into_static(static: dict[str, np.ndarray], feeds: Mapping[str, np.ndarray],
+def _copy_into_static(static: dict[str, paddle.Tensor], feeds: Mapping[str, Any],
                       seg_id: int) -> None:
     for name, buf in static.items():
-        new = np.asarray(feeds[name])
+        new = as_tensor(feeds[name])
         if new.shape != buf.shape or new.dtype != buf.dtype:
             raise ValueError(
-                f"segment {seg_id}: input {name} is {new.dtype}{list(new.shape)} but its graph "
-                f"was captured with {buf.dtype}{list(buf.shape)} (batch not padded to the "
-                "capture size?)"
+                f"segment {seg_id}: input {name} is {_desc(new)} but its graph was captured "
+                f"with {_desc(buf)} (batch not padded to the capture size?)"
             )
-        np.copyto(buf, new)
+        paddle.assign(new, output=buf)
+
+
+def _desc(t: paddle.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('paddle.')}{list(t.shape)}"
 
 
 # -- GPU backend (thin; needs paddlepaddle-gpu) --------------------------------------------------
@@ -204,7 +221,7 @@ class CudaGraphBackend(CaptureBackend):
 
     name = "cuda"
 
-    def __init__(self, params: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, params: Mapping[str, Any]) -> None:
         super().__init__(params)
         if not paddle.is_compiled_with_cuda():
             raise ConfigError(
@@ -230,7 +247,7 @@ class CudaGraphBackend(CaptureBackend):
             got = self._scopes[seg.id] = (scope, exe)
         return got
 
-    def _write_inputs(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> None:
+    def _write_inputs(self, seg: Segment, feeds: Mapping[str, Any]) -> None:
         scope, _ = self._scope(seg)
         for name in data_ops(seg.program):
             scope.var(name).get_tensor().set(np.asarray(feeds[name]), self.place)
@@ -241,11 +258,11 @@ class CudaGraphBackend(CaptureBackend):
             return exe.run(seg.program, feed={}, fetch_list=output_values(seg.program),
                            return_numpy=False)
 
-    def warmup(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> None:
+    def warmup(self, seg: Segment, feeds: Mapping[str, Any]) -> None:
         self._write_inputs(seg, feeds)
         self._run(seg)
 
-    def capture(self, seg: Segment, size: int, feeds: Mapping[str, np.ndarray]) -> Any:
+    def capture(self, seg: Segment, size: int, feeds: Mapping[str, Any]) -> Any:
         self._write_inputs(seg, feeds)
         graph = self._graph_cls(place=self.place, mode="thread_local")
         graph.capture_begin()
@@ -253,11 +270,11 @@ class CudaGraphBackend(CaptureBackend):
         graph.capture_end()
         return (seg, graph, outs)
 
-    def replay(self, graph: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def replay(self, graph: Any, feeds: Mapping[str, Any]) -> list[paddle.Tensor]:
         seg, cuda_graph, outs = graph
         self._write_inputs(seg, feeds)
         cuda_graph.replay()
-        return [np.array(o) for o in outs]
+        return [as_tensor(np.array(o)) for o in outs]
 
     def run_uncaptured(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         self._write_inputs(seg, feeds)
@@ -265,12 +282,12 @@ class CudaGraphBackend(CaptureBackend):
 
 
 # -- orchestration ---------------------------------------------------------------------------------
-def make_backend(name: str, params: Mapping[str, np.ndarray]) -> CaptureBackend | None:
+def make_backend(name: str, pool: RunnerPool) -> CaptureBackend | None:
     """The capture backend called `name` (None for ``none``: segments run uncaptured)."""
     if name == "emulator":
-        return EmulatorBackend(params)
+        return EmulatorBackend(pool)
     if name == "cuda":
-        return CudaGraphBackend(params)
+        return CudaGraphBackend(pool.params)
     if name == "none":
         return None
     raise ConfigError(f"unknown runtime backend {name!r}: choose one of {', '.join(BACKENDS)}")
@@ -364,7 +381,7 @@ class CaptureManager:
         # like PyTorch's "skipping cudagraphs due to ...": loud once per reason, quiet after
         (log.warning if first else log.info)("skipping cuda graphs due to %s", reason)
 
-    def run(self, seg: Segment, size: int, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def run(self, seg: Segment, size: int, feeds: Mapping[str, Any]) -> list[paddle.Tensor]:
         """Run captured segment `seg` at capture size `size` (capturing it the first time)."""
         key = (seg.id, size)
         if key in self.dropped:

@@ -1,58 +1,174 @@
-"""Run a PIR program with Paddle's static Executor, outside SOT.
+"""Run a PIR program outside SOT, through Paddle's ``run_program`` op (the path SOT itself uses).
 
-Weights go into a private ``paddle.static.Scope`` once; per-step inputs are fed by value every
-run: a program holding a tensor by reference would miss a replaced tensor. Outputs come back as numpy arrays.
+A :class:`ProgramRunner` is a program plus its weights, bound once: the program is split into a
+forward program (``paddle.jit``'s ``RunnableProgram``), its attributes are built once, and each
+run is one ``run_program`` call with tensors in and tensors out. No numpy round trip, no
+stringified program per run (``Executor.run`` keys its cache by ``str(program)``).
+
+Per-step inputs are passed every run as the tensors the step holds at that moment, never bound
+at trace time: a program holding a tensor by reference would miss a replaced tensor.
+
+Two things about ``run_program`` that the runner takes care of:
+
+* the compiled interpreter is cached process-wide under the runner's ``program_id``. Paddle's own
+  layer derives that id from ``id()`` of Python objects, which a later object can reuse once the
+  first is freed; a reused id would run the *old* program. Each runner takes a fresh id from a
+  counter instead.
+* the cache keeps every interpreter until :func:`release_interpreters` empties it, so a phase that
+  is done with its runners (verification, say) calls that to give the memory back.
 """
 
 from __future__ import annotations
 
+import itertools
+import random
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import paddle
+from paddle import _C_ops
+from paddle.base import core
+from paddle.jit.dy2static.pir_partial_program import RunnableProgram, apply_general_passes
+from paddle.jit.dy2static.utils import CUDAGraphState
 
-from graphopt.ir.pir_utils import data_ops, output_values, static_mode
+from graphopt.ir.pir_utils import data_ops, output_values, release_native_memory, static_mode
+
+#: a tensor, or anything paddle.to_tensor takes (numpy arrays in tests and tools)
+TensorLike = Any
+
+# Ids of the interpreters this process compiles; far from the hash-of-ids values Paddle's own
+# layers use, so the two never meet in the shared interpreter cache.
+_PROGRAM_IDS = itertools.count(random.randrange(1 << 60, 1 << 61))
+_NO_CUDA_GRAPH = {"cuda_graph_state": CUDAGraphState.DISABLE, "cuda_graph_dispatch_key": 0}
+
+
+def as_tensor(value: TensorLike) -> paddle.Tensor:
+    """`value` as a CPU tensor: tensors as they are, anything else converted (one copy)."""
+    if isinstance(value, paddle.Tensor):
+        return value
+    return paddle.to_tensor(np.asarray(value), place=paddle.CPUPlace())
+
+
+def tensor_params(params: Mapping[str, TensorLike]) -> dict[str, paddle.Tensor]:
+    """Weights as tensors that need no gradient (shared with the originals, no copy for
+    tensors), converted once so every runner of a program set shares them."""
+    out = {}
+    for name, value in params.items():
+        t = as_tensor(value)
+        out[name] = t if t.stop_gradient else t.detach()
+    return out
+
+
+def release_interpreters() -> None:
+    """Drop every interpreter ``run_program`` has cached in this process (they rebuild on the
+    next run of a live runner); call it when a phase is done with its runners."""
+    release_native_memory()
 
 
 class ProgramRunner:
-    """A program + its weights, ready to run many times with different feeds."""
+    """A program + its weights, ready to run many times with different inputs.
+
+    ``run(feeds)`` takes tensors (or arrays) by feed name and returns one tensor per fetched
+    value. ``run_list(inputs)`` is the hot path: inputs in :attr:`feed_names` order.
+    """
 
     def __init__(
         self,
         program: paddle.pir.Program,
-        params: Mapping[str, np.ndarray],
+        params: Mapping[str, TensorLike],
         fetch: Sequence[paddle.pir.Value] | None = None,
     ) -> None:
         self.program = program
-        self.fetch = list(fetch) if fetch is not None else output_values(program)
+        fetch = list(fetch) if fetch is not None else output_values(program)
         self.feed_names = list(data_ops(program))
-        self.scope = paddle.static.Scope()
-        self.place = paddle.CPUPlace()
-        with static_mode():
-            self.exe = paddle.static.Executor(self.place)
-        needed = {
-            op.attrs()["parameter_name"]
-            for op in program.global_block().ops
-            if op.name() == "builtin.parameter"
-        }
-        missing = sorted(needed - set(params))
+        needed = [op.attrs()["parameter_name"] for op in program.global_block().ops
+                  if op.name() == "builtin.parameter"]
+        missing = sorted(set(needed) - set(params))
         if missing:
             raise KeyError(f"program needs parameters with no value: {', '.join(missing[:8])}")
-        for name in needed:
-            self.scope.var(name).get_tensor().set(np.asarray(params[name]), self.place)
-        # `const.*` feeds: tensors the model holds that are not parameters (see runtime.trace).
-        self.constants = {n: np.asarray(params[n]) for n in self.feed_names if n in params}
+        self.params = [as_tensor(params[n]) for n in needed]
+        self.params = [t if t.stop_gradient else t.detach() for t in self.params]
+        # `const.*` feeds: tensors the model holds that are not parameters (see ir.trace).
+        self.constants = {n: as_tensor(params[n]) for n in self.feed_names if n in params}
+        # a value fetched twice is one output of run_program: map positions back
+        unique: list[paddle.pir.Value] = []
+        self._fetch_index = []
+        for v in fetch:
+            pos = next((i for i, u in enumerate(unique) if u.is_same(v)), None)
+            if pos is None:
+                pos = len(unique)
+                unique.append(v)
+            self._fetch_index.append(pos)
+        self._identity = self._fetch_index == list(range(len(unique)))
+        inputs = [op.result(0) for op in data_ops(program).values()]
+        param_values = [op.result(0) for op in program.global_block().ops
+                        if op.name() == "builtin.parameter"]
+        with static_mode():
+            runnable = RunnableProgram(program, (inputs, param_values, unique),
+                                       [True] * len(unique))
+            forward = runnable.forward_program
+            runnable.program_name_attr  # noqa: B018 (names taken before the pass, as Paddle does)
+            # what SOT's runner does to the programs it runs (numerics unchanged)
+            apply_general_passes(forward, enable_cse=True, enable_delete_assert_op=False)
+            self._attrs = core.construct_program_attribute_map({
+                "forward_program": forward,
+                "backward_program": runnable.backward_program,
+                "is_test": True,
+                "program_id": next(_PROGRAM_IDS),
+                "in_sot_mode": True,
+            } | runnable.program_attr)
+        self._scope: core.Scope | None = None
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """Run once; `feeds` must hold every pd_op.data name of the program but `const.*`."""
-        feed = {}
+    def run(self, feeds: Mapping[str, TensorLike]) -> list[paddle.Tensor]:
+        """Run once; `feeds` must hold every pd_op.data name of the program but ``const.*``."""
+        inputs = []
+        missing = []
         for n in self.feed_names:
-            if n in feeds:
-                feed[n] = np.asarray(feeds[n])
-            elif n in self.constants:
-                feed[n] = self.constants[n]
-        missing = [n for n in self.feed_names if n not in feed]
+            v = feeds.get(n)
+            if v is None:
+                v = self.constants.get(n)
+                if v is None:
+                    missing.append(n)
+                    continue
+            inputs.append(as_tensor(v))
         if missing:
             raise KeyError(f"missing feeds: {', '.join(missing)}")
-        with static_mode(), paddle.static.scope_guard(self.scope):
-            return self.exe.run(self.program, feed=feed, fetch_list=self.fetch)
+        return self.run_list(inputs)
+
+    def run_list(self, inputs: list[paddle.Tensor]) -> list[paddle.Tensor]:
+        """Run once with tensors in :attr:`feed_names` order."""
+        if self._scope is None or not self._scope._can_reused:  # held by an earlier run
+            self._scope = core.Scope()
+        # no autograd bookkeeping: weights are detached and outputs are marked stop_gradient
+        outs = _C_ops.run_program(inputs or None, self.params or None, [self._scope],
+                                  self._attrs, _NO_CUDA_GRAPH)
+        if self._identity:
+            return list(outs)
+        return [outs[i] for i in self._fetch_index]
+
+
+class RunnerPool:
+    """One :class:`ProgramRunner` per program, shared by every step executor given the pool, so
+    a program's interpreter is built once however many checks run it (numerics, replay,
+    benchmarks). Weights are converted to tensors once for all of them."""
+
+    def __init__(self, params: Mapping[str, TensorLike]) -> None:
+        self.params = tensor_params(params)
+        self._runners: dict[int, tuple[paddle.pir.Program, ProgramRunner]] = {}
+
+    def get(self, program: paddle.pir.Program) -> ProgramRunner:
+        """The runner of `program` (made on first use; keyed by the program object)."""
+        hit = self._runners.get(id(program))
+        if hit is not None and hit[0] is program:
+            return hit[1]
+        runner = ProgramRunner(program, self.params)
+        self._runners[id(program)] = (program, runner)
+        return runner
+
+    def __len__(self) -> int:
+        return len(self._runners)
+
+    def clear(self) -> None:
+        """Forget every runner (their interpreters go with :func:`release_interpreters`)."""
+        self._runners.clear()

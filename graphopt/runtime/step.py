@@ -3,8 +3,9 @@ control flow on the host.
 
 One step::
 
-    feeds   <- the batch, BY VALUE (arg.<i>, meta.<path>); never tensors bound by reference
-    feeds  += host prologue fetches (hoisted.<k>), run eagerly every step
+    feeds   <- the tensors the batch holds NOW (arg.<i>, meta.<path>), looked up every step;
+               never tensors bound by reference at trace time
+    feeds  += host prologue outputs (hoisted.<k>), run eagerly every step
     pad     <- the batch padded to the next capture size (mp.model.pad_batch)
     for each segment, in order:
         captured -> CaptureManager: warm up + capture once per (segment, size), then replay
@@ -13,12 +14,14 @@ One step::
     outputs <- [logits[:T], *state]
 
 A batch larger than the largest capture size runs every segment uncaptured (logged, counted in
-``eager_fallbacks``). ``run_whole`` runs the unsplit program, for comparisons.
+``eager_fallbacks``). ``run_whole`` runs the unsplit program, for comparisons. Tensors in,
+tensors out: every program runs through ``run_program`` (:mod:`graphopt.runtime.executor`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,7 +34,7 @@ from graphopt.ir.pir_utils import data_ops
 from graphopt.ir.segment_plan import CAPTURED, Segment, SegmentPlan
 from graphopt.models.base import StepBatch, resolve_meta_field
 from graphopt.runtime.capture import BACKENDS, CaptureManager, make_backend
-from graphopt.runtime.executor import ProgramRunner
+from graphopt.runtime.executor import ProgramRunner, RunnerPool, as_tensor
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +42,18 @@ log = logging.getLogger(__name__)
 NO_PLAN = ("no segment plan: the runtime executes a plan a pass made; add piecewise-split to "
            "the pipeline (e.g. pipeline=cudagraph)")
 
-#: runs one segment: (segment, feeds by its feed names) -> its live-out values
-SegmentFn = Callable[[Segment, Mapping[str, np.ndarray]], list[np.ndarray]]
+#: runs one segment: (segment, inputs by its feed names) -> its live-out values
+SegmentFn = Callable[[Segment, Mapping[str, paddle.Tensor]], list[paddle.Tensor]]
 
 
-def _as_numpy(value: Any) -> np.ndarray:
-    """A private copy of a tensor / array (feeds are taken by value, every step)."""
-    if isinstance(value, paddle.Tensor):
-        value = value.numpy()
-    return np.array(value, copy=True)
-
-
-def condition_value(cond: np.ndarray) -> bool:
+def condition_value(cond: Any) -> bool:
     """The host-side truth of an ``if`` condition (a one-element bool tensor)."""
-    if cond is None:  # e.g. the executor fetched a fed variable: never guess a branch
+    if cond is None:  # e.g. a fetch that produced nothing: never guess a branch
         raise ValueError("if condition has no value")
+    if isinstance(cond, paddle.Tensor):
+        if math.prod(cond.shape) != 1:  # (Tensor.size goes through numpy: slow per step)
+            raise ValueError(f"if condition must have one element, got shape {list(cond.shape)}")
+        return bool(cond.item())
     arr = np.asarray(cond)
     if arr.dtype == object or arr.size != 1:
         raise ValueError(f"if condition must have one element, got shape {list(arr.shape)}")
@@ -61,20 +61,20 @@ def condition_value(cond: np.ndarray) -> bool:
 
 
 class _Env(dict):
-    """Value key -> array for one step; weights (``param:*``) and ``const.<k>`` buffers resolve
+    """Value key -> tensor for one step; weights (``param:*``) and ``const.<k>`` buffers resolve
     from the parameters."""
 
-    def __init__(self, feeds: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray]):
+    def __init__(self, feeds: Mapping[str, Any], params: Mapping[str, Any]):
         super().__init__(feeds)
         self.params = params
 
-    def get_value(self, key: str) -> np.ndarray:
+    def get_value(self, key: str) -> Any:
         if key in self:
             return self[key]
         if key.startswith("param:"):
-            return np.asarray(self.params[key[len("param:"):]])
+            return self.params[key[len("param:"):]]
         if key in self.params:  # `const.<k>` feeds: model buffers whose values live with weights
-            return np.asarray(self.params[key])
+            return self.params[key]
         raise KeyError(f"value {key} is needed before any segment produced it")
 
 
@@ -102,73 +102,74 @@ def execute_segments(
 
 def run_plan(
     plan: SegmentPlan,
-    params: Mapping[str, np.ndarray],
-    feeds: Mapping[str, np.ndarray],
-    runners: dict[int, ProgramRunner] | None = None,
-) -> list[np.ndarray]:
+    params: Mapping[str, Any],
+    feeds: Mapping[str, Any],
+    pool: RunnerPool | None = None,
+) -> list[paddle.Tensor]:
     """Run every segment of `plan` uncaptured, in order; return the program's outputs.
 
     The reference semantics of a plan: equal to running the whole program on `feeds`.
     """
-    runners = runners if runners is not None else {}
+    pool = pool if pool is not None else RunnerPool(params)
 
-    def run_one(seg: Segment, seg_feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        runner = runners.get(seg.id)
-        if runner is None:
-            runner = runners[seg.id] = ProgramRunner(seg.program, params)
-        return runner.run(seg_feeds)
+    def run_one(seg: Segment, seg_feeds: Mapping[str, Any]) -> list[paddle.Tensor]:
+        return pool.get(seg.program).run(seg_feeds)
 
-    env = _Env(feeds, params)
+    env = _Env({k: as_tensor(v) for k, v in feeds.items()}, pool.params)
     execute_segments(plan.segments, env, run_one)
-    return [env.get_value(k) for k in plan.outputs]
+    return [as_tensor(env.get_value(k)) for k in plan.outputs]
 
 
 class StepInputs:
-    """The feeds of one step of a ModelProgram: the batch's tensors BY VALUE (``arg.<i>``,
-    ``meta.<path>``) and the host prologue's outputs (``hoisted.<k>``), run every step."""
+    """The inputs of one step of a ModelProgram: the tensors the batch holds now (``arg.<i>``,
+    ``meta.<path>``), looked up afresh every step, and the host prologue's outputs
+    (``hoisted.<k>``), run every step."""
 
-    def __init__(self, mp: ModelProgram) -> None:
+    def __init__(self, mp: ModelProgram, pool: RunnerPool | None = None) -> None:
         if mp.program is None:
             raise ConfigError("no program to run: the step is several SOT graphs")
         self.mp = mp
+        self.pool = pool if pool is not None else RunnerPool(mp.params)
+        self.params = self.pool.params
         names = list(data_ops(mp.program))
         if mp.prologue is not None:
             names += [n for n in data_ops(mp.prologue.program) if n not in names]
         hoisted = set(mp.prologue.outputs) if mp.prologue is not None else set()
         self.names = [n for n in names if n not in hoisted]
-        self._prologue: ProgramRunner | None = None
-
-    def __call__(self, batch: StepBatch) -> dict[str, np.ndarray]:
-        feeds: dict[str, np.ndarray] = {}
+        # where each input comes from, decided once: (name, arg index or meta path)
+        self._args: list[tuple[str, int]] = []
+        self._meta: list[tuple[str, str]] = []
         for name in self.names:
             head, _, rest = name.partition(".")
             if head == "arg":
-                feeds[name] = _as_numpy(batch.args[int(rest)])
+                self._args.append((name, int(rest)))
             elif head == "meta":
-                feeds[name] = _as_numpy(resolve_meta_field(batch.meta, rest))
-            elif name in self.mp.params:
-                continue  # `const.<k>`: a model buffer, fed from mp.params by the runners
-            else:
+                self._meta.append((name, rest))
+            elif name not in self.params:  # `const.<k>`: a model buffer, fed by the runners
                 raise ConfigError(f"program input {name!r} has no source: expected arg.<i>, "
                                   "meta.<field> or a hoisted.<k> fed by the host prologue")
+
+    def __call__(self, batch: StepBatch) -> dict[str, paddle.Tensor]:
+        feeds: dict[str, paddle.Tensor] = {name: as_tensor(batch.args[i])
+                                           for name, i in self._args}
+        for name, path in self._meta:
+            feeds[name] = as_tensor(resolve_meta_field(batch.meta, path))
         prologue = self.mp.prologue
         if prologue is not None:
-            if self._prologue is None:
-                self._prologue = ProgramRunner(prologue.program, self.mp.params)
-            outs = self._prologue.run(feeds)
-            feeds.update(zip(prologue.outputs, (np.array(o, copy=True) for o in outs),
-                             strict=True))
+            outs = self.pool.get(prologue.program).run(feeds)
+            feeds.update(zip(prologue.outputs, outs, strict=True))
         return feeds
 
 
 class WholeProgramStep:
-    """Runs the unsplit program of a ModelProgram, one executor run per step (no capture)."""
+    """Runs the unsplit program of a ModelProgram, one ``run_program`` call per step (no
+    capture)."""
 
-    def __init__(self, mp: ModelProgram) -> None:
-        self.inputs = StepInputs(mp)
-        self.runner = ProgramRunner(mp.program, mp.params)
+    def __init__(self, mp: ModelProgram, pool: RunnerPool | None = None) -> None:
+        self.inputs = StepInputs(mp, pool)
+        self.runner: ProgramRunner = self.inputs.pool.get(mp.program)
 
-    def run(self, batch: StepBatch) -> list[np.ndarray]:
+    def run(self, batch: StepBatch) -> list[paddle.Tensor]:
         return self.runner.run(self.inputs(batch))
 
 
@@ -188,6 +189,7 @@ class StepExecutor:
         backend: str = "emulator",
         capture_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
         num_warmups: int = 1,
+        pool: RunnerPool | None = None,
         *,
         check_captures: bool = False,
         check_atol: float = 1e-4,
@@ -200,29 +202,28 @@ class StepExecutor:
         self.mp = mp
         self.backend_name = str(getattr(backend, "value", backend))
         self.plan: SegmentPlan = mp.segments
-        self.feeds = StepInputs(mp)
-        backend_obj = make_backend(backend, mp.params)
+        self.feeds = StepInputs(mp, pool)
+        self.pool = self.feeds.pool
+        self.params = self.pool.params
+        backend_obj = make_backend(backend, self.pool)
         self.capture = (CaptureManager(backend_obj, list(capture_sizes), num_warmups,
                                        check=check_captures, check_atol=check_atol)
                         if backend_obj is not None else None)
-        self._eager_runners: dict[int, ProgramRunner] = {}
         self._whole: WholeProgramStep | None = None
         self.steps = 0
         self.eager_segment_runs = 0
         self.branches_taken: dict[str, int] = {"true": 0, "false": 0}
 
     # -- running -------------------------------------------------------------------------------
-    def _run_eager(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        runner = self._eager_runners.get(seg.id)
-        if runner is None:
-            runner = self._eager_runners[seg.id] = ProgramRunner(seg.program, self.mp.params)
+    def _run_eager(self, seg: Segment, feeds: Mapping[str, paddle.Tensor]
+                   ) -> list[paddle.Tensor]:
         self.eager_segment_runs += 1
-        return runner.run(feeds)
+        return self.pool.get(seg.program).run(feeds)
 
     def _note_branch(self, seg: Segment, label: str) -> None:
         self.branches_taken[label] += 1
 
-    def run(self, batch: StepBatch) -> list[np.ndarray]:
+    def run(self, batch: StepBatch) -> list[paddle.Tensor]:
         """One step: ``[logits, *new_state]`` with logits cut back to the batch's tokens.
 
         The new state is returned, not written back: commit it with
@@ -237,13 +238,14 @@ class StepExecutor:
                     f"batch of {num_tokens} tokens exceeds the largest capture size "
                     f"{self.capture.sizes[-1]}"
                 )
-            env = _Env(self.feeds(batch), self.mp.params)
+            env = _Env(self.feeds(batch), self.params)
             execute_segments(self.plan.segments, env, self._run_eager, self._note_branch)
             return [env.get_value(k) for k in self.plan.outputs]
         padded = batch if size == num_tokens else self.mp.model.pad_batch(batch, size)
-        env = _Env(self.feeds(padded), self.mp.params)
+        env = _Env(self.feeds(padded), self.params)
 
-        def run_one(seg: Segment, seg_feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        def run_one(seg: Segment, seg_feeds: Mapping[str, paddle.Tensor]
+                    ) -> list[paddle.Tensor]:
             if seg.kind == CAPTURED:
                 return self.capture.run(seg, size, seg_feeds)
             return self._run_eager(seg, seg_feeds)
@@ -254,10 +256,10 @@ class StepExecutor:
             outs[0] = outs[0][:num_tokens]  # logits rows; state tensors are full-size
         return outs
 
-    def run_whole(self, batch: StepBatch) -> list[np.ndarray]:
-        """Run the unsplit ``mp.program`` with the plain executor (reference for comparisons)."""
+    def run_whole(self, batch: StepBatch) -> list[paddle.Tensor]:
+        """Run the unsplit ``mp.program`` in one call (reference for comparisons)."""
         if self._whole is None:
-            self._whole = WholeProgramStep(self.mp)
+            self._whole = WholeProgramStep(self.mp, self.pool)
         return self._whole.run(batch)
 
     def stats(self) -> dict[str, Any]:

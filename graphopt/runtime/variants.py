@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,7 @@ from graphopt.runtime.capture import (
     check_capture_sizes,
     make_backend,
 )
-from graphopt.runtime.executor import ProgramRunner
+from graphopt.runtime.executor import ProgramRunner, RunnerPool
 from graphopt.runtime.step import StepInputs, WholeProgramStep, _Env, execute_segments
 
 #: dispatch name of the general program (the combinations no variant serves, hybrid only)
@@ -52,8 +52,8 @@ GENERAL = "general"
 NO_VARIANTS = ("no specialised variants: the runtime executes what specialize-branches built; "
                "add it to the pipeline (e.g. pipeline=full_graph)")
 
-#: builds the capture backend of one target: (backend name, weights) -> backend or None
-BackendFactory = Callable[[str, Mapping[str, np.ndarray]], "CaptureBackend | None"]
+#: builds the capture backend of one target: (backend name, runner pool) -> backend or None
+BackendFactory = Callable[[str, RunnerPool], "CaptureBackend | None"]
 
 
 @dataclass
@@ -64,7 +64,6 @@ class _Target:
     program: Any
     plan: SegmentPlan | None
     manager: CaptureManager | None
-    eager_runners: dict[int, ProgramRunner] = field(default_factory=dict)
     whole: ProgramRunner | None = None
 
 
@@ -83,6 +82,7 @@ class VariantStepExecutor:
         backend: str = "emulator",
         capture_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
         num_warmups: int = 1,
+        pool: RunnerPool | None = None,
         *,
         check_captures: bool = False,
         check_atol: float = 1e-4,
@@ -99,13 +99,14 @@ class VariantStepExecutor:
         self.backend_name = backend
         self.sizes = check_capture_sizes(list(capture_sizes))
         self.captured = backend != "none"
-        self.feeds = StepInputs(mp)
+        self.feeds = StepInputs(mp, pool)
+        self.pool = self.feeds.pool
 
         def target(name: str, program: Any, plan: SegmentPlan | None) -> _Target:
             if self.captured and plan is None:
                 raise ConfigError(f"{name}: no segment plan to capture; add piecewise-split "
                                   "to the pipeline (e.g. pipeline=full_graph)")
-            backend_obj = backend_factory(backend, mp.params) if self.captured else None
+            backend_obj = backend_factory(backend, self.pool) if self.captured else None
             manager = (CaptureManager(backend_obj, self.sizes, num_warmups,
                                       check=check_captures, check_atol=check_atol)
                        if backend_obj is not None else None)
@@ -183,29 +184,23 @@ class VariantStepExecutor:
 
     def _run_target(self, target: _Target, feeds: Mapping[str, np.ndarray],
                     size: int | None) -> list[np.ndarray]:
-        params = self.mp.params
         if target.plan is None:  # uncaptured and unplanned: the variant as one program
-            if target.whole is None:
-                target.whole = ProgramRunner(target.program, params)
-            return target.whole.run(feeds)
+            return self.pool.get(target.program).run(feeds)
 
         def run_one(seg: Segment, seg_feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
             if seg.kind == CAPTURED and size is not None and target.manager is not None:
                 return target.manager.run(seg, size, seg_feeds)
-            runner = target.eager_runners.get(seg.id)
-            if runner is None:
-                runner = target.eager_runners[seg.id] = ProgramRunner(seg.program, params)
             self.eager_segment_runs += 1
-            return runner.run(seg_feeds)
+            return self.pool.get(seg.program).run(seg_feeds)
 
-        env = _Env(feeds, params)
+        env = _Env(feeds, self.pool.params)
         execute_segments(target.plan.segments, env, run_one)
         return [env.get_value(k) for k in target.plan.outputs]
 
     def run_whole(self, batch: StepBatch) -> list[np.ndarray]:
         """Run the unspecialised ``mp.program`` (ifs and all): the reference for comparisons."""
         if self._whole is None:
-            self._whole = WholeProgramStep(self.mp)
+            self._whole = WholeProgramStep(self.mp, self.pool)
         return self._whole.run(batch)
 
     # -- counters -----------------------------------------------------------------------------

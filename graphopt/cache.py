@@ -1,0 +1,338 @@
+"""The compile cache: an optimized step saved under a key, loaded back without tracing.
+
+An entry is a directory::
+
+    entry.json      what the key was made of, the ModelProgram's metadata (host inputs, prologue
+                    outputs, blacklist, flags, marked functions, the traces and pass records of
+                    the run that made it), how each weight binds to the model, file checksums
+    program.pir     the optimized program (Paddle's own serialisation)
+    prologue.pir    the host prologue, when there is one
+    consts.npz      program inputs that are model buffers, and any weight not found in the model
+
+Weights are not copied: each parameter of the program is bound by its structured name in the
+model (``layers.3.mlp.gate.weight``), and the key holds the weights' hash, so a model built from
+the same config has the same values. The segment plan is rebuilt by piecewise-split on the loaded
+program (its programs are cheap to cut again, and a plan is only as good as its program).
+
+A cache directory holds one entry per key, ``<dir>/<key>/``. Writers build an entry in a private
+temporary directory and rename it into place (atomic on one filesystem), so concurrent jobs of a
+sweep never see a half-written entry; when two write one key, the first rename wins. A corrupt or
+stale entry is detected on load (checksums, versions, key) and rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paddle
+from paddle.base import core
+
+import graphopt
+from graphopt.errors import GraphoptError
+from graphopt.ir.model_program import (
+    GraphBreak,
+    HostPrologue,
+    MarkedFunction,
+    ModelProgram,
+    TraceInfo,
+)
+from graphopt.models.base import ModelBundle
+from graphopt.passes.piecewise_split import build_plan
+
+#: bumped when the entry layout changes (older entries are then stale)
+ENTRY_FORMAT = 1
+ENTRY_FILE = "entry.json"
+
+
+class CacheError(GraphoptError):
+    """A cache entry cannot be used (missing, corrupt or stale); the message says why."""
+
+
+def key_material(model_cfg: dict[str, Any], provenance: dict[str, Any],
+                 pipeline: list[dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
+    """Everything an optimized step depends on: the model's config, its weights' hash, the
+    pipeline with every option, the run's other options, graphopt's and Paddle's versions."""
+    return {
+        "format": ENTRY_FORMAT,
+        "model": model_cfg,
+        "weights": _without_paths(provenance),
+        "pipeline": pipeline,
+        "options": options,
+        "graphopt": graphopt.__version__,
+        "paddle": paddle.__version__,
+        "paddle_commit": getattr(paddle.version, "commit", ""),
+    }
+
+
+def cache_key(material: dict[str, Any]) -> str:
+    """The key of an entry: a hash of its :func:`key_material`."""
+    text = json.dumps(material, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _without_paths(value: Any) -> Any:
+    """Provenance without file paths: the same weights elsewhere are the same weights."""
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items() if k != "path"}
+    return value
+
+
+@dataclass
+class Entry:
+    """A loaded entry: the ModelProgram (plan rebuilt) and what the run that made it recorded."""
+
+    key: str
+    mp: ModelProgram
+    records: list[dict[str, Any]] = field(default_factory=list)
+    hazards_before: list[dict] | None = None
+    created: str = ""
+    material: dict[str, Any] = field(default_factory=dict)
+
+
+# -- writing ------------------------------------------------------------------------------------
+def write_entry(path: Path, key: str, material: dict[str, Any], mp: ModelProgram,
+                records: list[dict[str, Any]], hazards_before: list[dict] | None) -> None:
+    """Write the entry of `mp` into the directory `path` (created; expected empty)."""
+    if mp.program is None:
+        raise CacheError("nothing to cache: the step is several SOT graphs, not one program")
+    path.mkdir(parents=True, exist_ok=True)
+    files = {"program": "program.pir"}
+    core.serialize_pir_program(mp.program, str(path / "program.pir"), True, True, False)
+    if mp.prologue is not None:
+        core.serialize_pir_program(mp.prologue.program, str(path / "prologue.pir"), True, True,
+                                   False)
+        files["prologue"] = "prologue.pir"
+    bound, by_value = _bind_names(mp)
+    if by_value:
+        np.savez(path / "consts.npz", **{n: _numpy(mp.params[n]) for n in by_value})
+        files["consts"] = "consts.npz"
+    plan = mp.segments.options if mp.segments is not None else None
+    meta = {
+        "format": ENTRY_FORMAT,
+        "key": key,
+        "material": material,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "graphopt": graphopt.__version__,
+        "paddle": paddle.__version__,
+        "files": files,
+        "sha256": {name: _sha256(path / f) for name, f in files.items()},
+        "params_bound": bound,
+        "params_by_value": by_value,
+        "host_inputs": list(mp.host_inputs),
+        "prologue_outputs": list(mp.prologue.outputs) if mp.prologue is not None else None,
+        "blacklist": list(mp.blacklist),
+        "flags": dict(mp.flags),
+        "full_cuda_graph": mp.full_cuda_graph,
+        "properties": sorted(mp.properties),
+        "marked": [m.to_dict() for m in mp.marked],
+        "traces": [t.to_dict() | {"_breaks": [vars(b) for b in t.graph_breaks]}
+                   for t in mp.traces],
+        "plan_options": plan,
+        "records": records,
+        "hazards_before": hazards_before,
+    }
+    (path / ENTRY_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
+
+
+def _bind_names(mp: ModelProgram) -> tuple[dict[str, str], list[str]]:
+    """Program parameter name -> structured name in the model, for every weight that IS a model
+    parameter or buffer (same memory); the names of the rest (saved by value)."""
+    owners: dict[tuple, str] = {}
+    layer = mp.model.layer
+    for name, t in [*layer.named_parameters(), *layer.named_buffers()]:
+        with contextlib.suppress(Exception):
+            owners.setdefault(_identity(t), name)
+    bound, by_value = {}, []
+    for pname, value in mp.params.items():
+        structured = None
+        # `const.<k>` feeds are often parameters too (SOT passes some weights as inputs)
+        if isinstance(value, paddle.Tensor) and value.numel() > 0:
+            structured = owners.get(_identity(value))
+        if structured is None:
+            by_value.append(pname)
+        else:
+            bound[pname] = structured
+    return bound, by_value
+
+
+def _identity(t: paddle.Tensor) -> tuple:
+    """Same memory, shape and type: the same tensor (a view of a weight is not the weight)."""
+    return (t.data_ptr(), tuple(t.shape), str(t.dtype))
+
+
+def _numpy(value: Any) -> np.ndarray:
+    return value.numpy() if isinstance(value, paddle.Tensor) else np.asarray(value)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- reading ------------------------------------------------------------------------------------
+def read_meta(path: Path) -> dict[str, Any]:
+    """The entry.json of the entry at `path` (CacheError if it is missing or unreadable)."""
+    try:
+        meta = json.loads((path / ENTRY_FILE).read_text())
+    except FileNotFoundError:
+        raise CacheError(f"no cache entry at {path}") from None
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{path / ENTRY_FILE} is unreadable: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != ENTRY_FORMAT:
+        raise CacheError(f"{path} has entry format {meta.get('format') if isinstance(meta, dict) else '?'}"
+                         f", expected {ENTRY_FORMAT}")
+    return meta
+
+
+def load_entry(path: Path, bundle: ModelBundle, expect_key: str | None = None) -> Entry:
+    """Load the entry at `path` onto the model `bundle` (built from the same config).
+
+    Raises :class:`CacheError` when the entry is corrupt (a file missing or changed) or stale
+    (another key, graphopt or Paddle version, or weights the model does not have).
+    """
+    meta = read_meta(path)
+    if expect_key is not None and meta.get("key") != expect_key:
+        raise CacheError(f"{path} holds key {meta.get('key')}, expected {expect_key}")
+    material = meta.get("material", {})
+    for what, now in (("graphopt", graphopt.__version__), ("paddle", paddle.__version__)):
+        if meta.get(what) != now:
+            raise CacheError(f"made by {what} {meta.get(what)}, this is {now} (stale)")
+    if "weights" in material and material["weights"] != _without_paths(bundle.provenance):
+        raise CacheError("made for other weights than the model's")
+    files = meta["files"]
+    for name, file in files.items():
+        f = path / file
+        if not f.is_file():
+            raise CacheError(f"{f} is missing")
+        if _sha256(f) != meta["sha256"].get(name):
+            raise CacheError(f"{f} does not match its checksum (corrupt)")
+    try:
+        program = _deserialize(path / files["program"])
+        prologue = (HostPrologue(_deserialize(path / files["prologue"]),
+                                 list(meta["prologue_outputs"]))
+                    if "prologue" in files else None)
+        params = _load_params(path, meta, bundle)
+    except CacheError:
+        raise
+    except Exception as e:
+        raise CacheError(f"{path}: cannot load: {type(e).__name__}: {e}") from None
+
+    mp = ModelProgram(model=bundle, program=program, params=params,
+                      host_inputs=list(meta["host_inputs"]), prologue=prologue,
+                      blacklist=list(meta["blacklist"]), flags=dict(meta["flags"]),
+                      full_cuda_graph=bool(meta["full_cuda_graph"]))
+    mp.properties = set(meta["properties"])
+    mp.marked = [MarkedFunction(m["function"], m["location"], list(m["rewrites"]))
+                 for m in meta["marked"]]
+    mp.traces = [_trace_from_dict(t) for t in meta["traces"]]
+    mp.trace = mp.traces[-1] if mp.traces else TraceInfo()
+    if meta.get("plan_options") is not None:
+        mp.segments = build_plan(program, mp.blacklist, mp.host_inputs, **meta["plan_options"])
+    return Entry(key=meta["key"], mp=mp, records=list(meta["records"]),
+                 hazards_before=meta["hazards_before"], created=meta["created"],
+                 material=material)
+
+
+def _deserialize(path: Path) -> paddle.pir.Program:
+    program = paddle.pir.Program()
+    core.deserialize_pir_program(str(path), program, -1)
+    if not len(program.global_block().ops):
+        raise CacheError(f"{path} holds an empty program")
+    return program
+
+
+def _load_params(path: Path, meta: dict[str, Any], bundle: ModelBundle
+                 ) -> dict[str, paddle.Tensor]:
+    layer = bundle.layer
+    named = dict(layer.named_parameters())
+    named.update(dict(layer.named_buffers()))
+    params: dict[str, paddle.Tensor] = {}
+    for pname, structured in meta["params_bound"].items():
+        t = named.get(structured)
+        if t is None:
+            raise CacheError(f"the model has no weight {structured} (stale entry)")
+        params[pname] = t.detach()
+    if meta["params_by_value"]:
+        with np.load(path / meta["files"]["consts"]) as data:
+            for name in meta["params_by_value"]:
+                params[name] = paddle.to_tensor(data[name], place=paddle.CPUPlace())
+    return params
+
+
+def _trace_from_dict(d: dict[str, Any]) -> TraceInfo:
+    breaks = [GraphBreak(**b) for b in d.get("_breaks", [])]
+    return TraceInfo(subgraphs=d["subgraphs"], graph_runs=d["graph_runs"], graph_breaks=breaks,
+                     compile_count=d["compile_count"], ops=d["ops"], time_s=d["time_s"],
+                     wall_s=d.get("wall_s", 0.0), marked=d["marked"],
+                     host_bound_by_reference=list(d["host_bound_by_reference"]))
+
+
+def link_entry(src: Path, dst: Path) -> None:
+    """Make `dst` a copy of the entry at `src` (hard links when the filesystem allows)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        target = dst / f.name
+        target.unlink(missing_ok=True)
+        try:
+            os.link(f, target)
+        except OSError:
+            shutil.copy2(f, target)
+
+
+# -- the cache directory ------------------------------------------------------------------------
+class CompileCache:
+    """Entries under one directory, one per key; safe for concurrent writers."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(os.path.expanduser(str(directory)))
+
+    def path(self, key: str) -> Path:
+        return self.dir / key
+
+    def load(self, key: str, bundle: ModelBundle) -> Entry | None:
+        """The entry of `key` (None when there is none). CacheError when it is unusable."""
+        path = self.path(key)
+        if not path.exists():
+            return None
+        return load_entry(path, bundle, expect_key=key)
+
+    def store(self, key: str, material: dict[str, Any], mp: ModelProgram,
+              records: list[dict[str, Any]], hazards_before: list[dict] | None,
+              replace: bool = False) -> bool:
+        """Write the entry of `key`; False when another writer got there first.
+
+        With `replace`, an existing (corrupt or stale) entry is moved aside first.
+        """
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.dir))
+        try:
+            write_entry(tmp, key, material, mp, records, hazards_before)
+            for f in tmp.iterdir():
+                os.chmod(f, 0o644)
+            os.chmod(tmp, 0o755)
+            target = self.path(key)
+            if replace and target.exists():
+                trash = Path(tempfile.mkdtemp(prefix=f".old-{key}-", dir=self.dir))
+                with contextlib.suppress(OSError):
+                    os.replace(target, trash / "entry")
+                shutil.rmtree(trash, ignore_errors=True)
+            try:
+                os.rename(tmp, target)  # atomic; fails if another writer made the entry
+            except OSError:
+                return False
+            return True
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
