@@ -36,6 +36,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import MissingConfigException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 from paddle.jit.sot.utils.info_collector import InfoCollector
@@ -348,9 +349,28 @@ def _hydra_main(cfg: DictConfig) -> None:
         return
     if hc.mode != RunMode.MULTIRUN:
         sys.exit(code)
-    # In a sweep one failed job must not stop the others: note it, and fail at the end.
+    # In a sweep one failed job must not stop the others: note it; SweepFailures fails the
+    # sweep at the end (from the launching process, whichever launcher ran the job).
     write_atomic(Path(hc.runtime.output_dir) / "error.txt", message + "\n")
-    _FAILED_JOBS.append((hc.runtime.output_dir, code))
+    write_atomic(Path(hc.runtime.output_dir) / EXIT_CODE_FILE, f"{code}\n")
+
+
+#: a failed sweep job's exit code, next to its error.txt
+EXIT_CODE_FILE = ".exit_code"
+
+
+class SweepFailures(Callback):
+    """Hydra callback: after a sweep, the jobs that failed, read from their directories.
+
+    Runs in the launching process, so it sees jobs a parallel launcher (joblib, submitit) ran in
+    other processes too.
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        for error in sorted(Path(config.hydra.sweep.dir).glob("*/error.txt")):
+            code_file = error.with_name(EXIT_CODE_FILE)
+            code = int(code_file.read_text()) if code_file.is_file() else 1
+            _FAILED_JOBS.append((str(error.parent), code))
 
 
 def main() -> None:

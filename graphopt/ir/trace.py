@@ -224,6 +224,10 @@ def trace_step(mp: ModelProgram, batch: StepBatch) -> Any:
         with paddle.no_grad():
             outs = static_fn(*batch.args, batch.meta)
     elapsed = time.perf_counter() - t0
+    # SOT ran its graph(s) once; their interpreters are not needed for what follows (the step's
+    # program is copied next) and are the largest thing the trace leaves behind: free them
+    # before the copy, so the two are never in memory together
+    release_native_memory()
     breaks, compile_count = _collect_breaks()
 
     graphs = [w for w in CompileSIRCache().cache.values() if w.concrete_program is not None]
@@ -251,9 +255,6 @@ def trace_step(mp: ModelProgram, batch: StepBatch) -> Any:
         mp.program = None
         mp.params = {}
         mp.properties.discard("single-graph")
-    # SOT ran its graph(s) once; their interpreters are not needed for what follows (the step's
-    # program is ours now) and are the largest thing the trace leaves behind
-    release_native_memory()
     mp.trace.wall_s = time.perf_counter() - t_wall
     return outs
 
