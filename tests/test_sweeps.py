@@ -61,3 +61,21 @@ def test_cluster_launcher_config_composes():
                       return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert "submitit" in launcher._target_.lower() and launcher.cpus_per_task == 2
+
+
+def test_parallel_sweep_with_a_failed_job_exits_nonzero_and_reports_variants(tmp_path):
+    """joblib runs the jobs in worker processes: the failed job still fails the sweep (a Hydra
+    callback reads the job directories in the launching process)."""
+    sweep = tmp_path / "sweep"
+    r = _run("-m", "hydra/launcher=local2", "model=tiny", "pipeline=cudagraph,full_graph",
+             "full_cuda_graph=true", "verify.steps=4", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "1 sweep job(s) failed" in r.stderr and str(sweep / "0") in r.stderr
+    assert "full_cuda_graph=true" in (sweep / "0" / "error.txt").read_text()
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "sweep_report.py"), str(sweep)],
+                         capture_output=True, text=True, check=True).stdout
+    cols = [c.strip() for c in out.splitlines()[0].split("|")]
+    rows = [dict(zip(cols, (c.strip() for c in ln.split("|")), strict=True))
+            for ln in out.splitlines()[2:] if ln.startswith("| ")]
+    assert not rows[0]["full-graph variants"] and "full_cuda_graph=true" in rows[0]["result"]
+    assert rows[1]["full-graph variants"].startswith("3 (decode ") and rows[1]["result"] == "verified"

@@ -20,7 +20,8 @@ from collections import defaultdict
 from pathlib import Path
 
 COLUMNS = ("overrides", "graph breaks", "SOT graphs", "hazards", "segments (cap/eager)",
-           "coverage", "replay mismatches", "time (s)", "peak RSS (MB)", "cache", "result")
+           "coverage", "full-graph variants", "replay mismatches", "time (s)", "peak RSS (MB)",
+           "cache", "result")
 
 
 def job_overrides(job: Path) -> list[str]:
@@ -53,6 +54,7 @@ def job_row(job: Path) -> dict[str, str]:
             "hazards": "n/a" if hz["before"] is None else f"{hz['before']} -> {hz['after']}",
             "segments (cap/eager)": f"{seg['captured']}/{seg['eager']}" if seg else "-",
             "coverage": f"{seg['coverage']:.4f}" if seg else "-",
+            "full-graph variants": _variants(r),
             "replay mismatches": f"{em['mismatches']}/{em['steps']}" if em.get("steps") else "-",
             "time (s)": f"{r['time_s']:.1f}" if r.get("time_s") is not None else "-",
             "peak RSS (MB)": (f"{r['memory_mb']['peak_rss']:.0f}"
@@ -65,6 +67,16 @@ def job_row(job: Path) -> dict[str, str]:
     elif not report.is_file():
         row["result"] = "no report (job did not finish)"
     return row
+
+
+def _variants(r: dict) -> str:
+    """``3 (decode 743, mixed 867, prefill 755 ops)``: the if-free variants, or ``-``."""
+    variants = r.get("variants") or []
+    if not variants:
+        return "-"
+    parts = ", ".join(f"{'+'.join(v['kinds']) or v['name']} {v['ops']}" for v in
+                      sorted(variants, key=lambda v: v["kinds"]))
+    return f"{len(variants)} ({parts} ops)"
 
 
 def swept_keys(jobs: list[Path]) -> dict[str, list[tuple[str, Path]]]:
