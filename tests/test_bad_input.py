@@ -270,6 +270,8 @@ def test_full_cuda_graph_with_control_flow(tmp_path, capsys):
     assert code == 2
     line = assert_one_line(err, "pd_op.if")
     assert "full_cuda_graph=false" in line
+    # the `if` is located at its condition's line (hoisted into the prologue), not in a branch
+    assert "first at graphopt/models/tiny.py:77 (forward)" in line
 
 
 def test_program_pass_without_capture_control_flow(tmp_path, capsys):

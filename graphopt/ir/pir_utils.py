@@ -213,6 +213,31 @@ def source_location(op: paddle.pir.Operation) -> str | None:
     return format_location(*frame) if frame else None
 
 
+def output_producers(program: paddle.pir.Program) -> dict[str, paddle.pir.Operation]:
+    """Output name -> the op computing it, for each ``builtin.shadow_output`` of `program`."""
+    return {
+        op.attrs()["output_name"]: op.operand_source(0).get_defining_op()
+        for op in program.global_block().ops if op.name() == "builtin.shadow_output"
+    }
+
+
+def branch_location(op: paddle.pir.Operation, prologue: paddle.pir.Program | None) -> str | None:
+    """Where the user's code tests the condition of a control-flow `op`, else where it is built.
+
+    An ``if`` keeps no call stack of its own, and its body's first op is somewhere inside a
+    branch; the condition's producer is the line with the ``if``. A condition hoisted into the
+    host `prologue` is found there through its ``hoisted.<k>`` feed.
+    """
+    if op.name() == "pd_op.if":
+        src = op.operand_source(0).get_defining_op()
+        if src is not None and src.name() == "pd_op.data" and prologue is not None:
+            src = output_producers(prologue).get(data_name(src))
+        where = source_location(src) if src is not None else None
+        if where:
+            return where
+    return source_location(op)
+
+
 def program_text(program: paddle.pir.Program) -> str:
     """Paddle's own textual form of the program, without the (huge) op_callstack attributes."""
     return strip_callstacks(str(program))

@@ -22,7 +22,7 @@ import paddle
 
 from graphopt.errors import ConfigError
 from graphopt.ir.model_program import ModelProgram, combination_name
-from graphopt.ir.pir_utils import CONTROL_FLOW_OPS, NON_COMPUTE_OPS, source_location, walk_ops
+from graphopt.ir.pir_utils import CONTROL_FLOW_OPS, NON_COMPUTE_OPS, branch_location, walk_ops
 from graphopt.passes.analysis.placement import Placement, placement_of
 from graphopt.passes.base import PRESERVES_PROGRAM, Pass, PassResult, Stage
 from graphopt.passes.registry import register_pass
@@ -64,7 +64,8 @@ class CudaGraphBlacklistInjection(Pass):
 
         if mp.full_cuda_graph and control:
             first = next(op for op in ops if op.name() in CONTROL_FLOW_OPS)
-            where = source_location(first) or "the traced program"
+            prologue = mp.prologue.program if mp.prologue is not None else None
+            where = branch_location(first, prologue) or "the traced program"
             found = ", ".join(f"{n} x{c}" for n, c in sorted(control.items()))
             which = "the program still has"
             if mp.variants:  # a hybrid: some combinations are left to the general program

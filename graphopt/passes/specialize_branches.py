@@ -70,6 +70,7 @@ from graphopt.ir.pir_utils import (
     data_name,
     data_ops,
     fold_decided_ifs,
+    output_producers,
     parameter_name,
     run_paddle_passes,
     source_frame,
@@ -280,7 +281,7 @@ def find_host_conditions(mp: ModelProgram) -> tuple[list[BranchCondition], list[
     groups: dict[Any, list[str]] = {}
     for feed in sorted(used, key=decided.index):
         groups.setdefault(exprs.get(feed, f"feed:{feed}"), []).append(feed)
-    producers = _output_producers(mp.prologue.program) if mp.prologue is not None else {}
+    producers = output_producers(mp.prologue.program) if mp.prologue is not None else {}
     conditions = []
     for feeds in groups.values():
         if feeds[0] in producers:
@@ -327,13 +328,6 @@ def _expression_ids(program: paddle.pir.Program) -> dict[str, int]:
             value_ids[r.id] = table.setdefault(f"{head}#{i}", len(table))
     return {
         op.attrs()["output_name"]: value_ids[op.operand_source(0).id]
-        for op in program.global_block().ops if op.name() == "builtin.shadow_output"
-    }
-
-
-def _output_producers(program: paddle.pir.Program) -> dict[str, paddle.pir.Operation]:
-    return {
-        op.attrs()["output_name"]: op.operand_source(0).get_defining_op()
         for op in program.global_block().ops if op.name() == "builtin.shadow_output"
     }
 
