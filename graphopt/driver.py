@@ -43,7 +43,7 @@ from graphopt.passes.base import PassRecord, Stage
 from graphopt.passes.instruments import IRDumpInstrument
 from graphopt.passes.listing import describe_passes
 from graphopt.passes.manager import PassManager
-from graphopt.report.progress import ProgressInstrument, phase
+from graphopt.report.progress import ProgressInstrument, memory_mb, phase
 from graphopt.report.report import (
     build_report,
     summary,
@@ -291,20 +291,6 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
         yield
     finally:
         timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - t0
-
-
-def memory_mb() -> dict[str, float]:
-    """This process's resident memory now and at its peak, in MB (Linux; empty elsewhere)."""
-    out: dict[str, float] = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    key = "peak_rss" if line.startswith("VmHWM") else "rss"
-                    out[key] = round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return out
 
 
 def timing_line(timings: dict[str, float], total: float) -> str:

@@ -28,6 +28,20 @@ from graphopt.passes.instruments import PassInstrument
 log = logging.getLogger("graphopt")
 
 
+def memory_mb() -> dict[str, float]:
+    """This process's resident memory now and at its peak, in MB (Linux; empty elsewhere)."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key = "peak_rss" if line.startswith("VmHWM") else "rss"
+                    out[key] = round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return out
+
+
 class Progress:
     """Phase lines with elapsed times (see module doc)."""
 
@@ -73,7 +87,9 @@ class Progress:
             self.phase, self._label = outer, outer_label
             if ok:
                 self.done.append((name, dt))
-                log.info("phase %s done in %.2f s", label, dt)
+                mem = memory_mb()
+                log.info("phase %s done in %.2f s (rss %s MB, peak %s MB)", label, dt,
+                         mem.get("rss", "?"), mem.get("peak_rss", "?"))
                 if self.console is not None:
                     pad = "  " if outer is not None else ""
                     self.console.print(f"{pad}[green]✓[/green] {label:<28} {dt:6.1f} s")
