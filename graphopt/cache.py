@@ -40,17 +40,20 @@ from paddle.base import core
 import graphopt
 from graphopt.errors import GraphoptError
 from graphopt.ir.model_program import (
+    BranchCondition,
     GraphBreak,
     HostPrologue,
     MarkedFunction,
     ModelProgram,
+    Specialization,
     TraceInfo,
+    Variant,
 )
 from graphopt.models.base import ModelBundle
-from graphopt.passes.piecewise_split import build_plan
+from graphopt.passes.piecewise_split import plan_model_program
 
 #: bumped when the entry layout changes (older entries are then stale)
-ENTRY_FORMAT = 1
+ENTRY_FORMAT = 2
 ENTRY_FILE = "entry.json"
 
 
@@ -112,6 +115,10 @@ def write_entry(path: Path, key: str, material: dict[str, Any], mp: ModelProgram
         core.serialize_pir_program(mp.prologue.program, str(path / "prologue.pir"), True, True,
                                    False)
         files["prologue"] = "prologue.pir"
+    for i, v in enumerate(mp.variants):
+        files[f"variant.{i}"] = f"variant.{i}.pir"
+        core.serialize_pir_program(v.program, str(path / files[f"variant.{i}"]), True, True,
+                                   False)
     bound, by_value = _bind_names(mp)
     if by_value:
         np.savez(path / "consts.npz", **{n: _numpy(mp.params[n]) for n in by_value})
@@ -138,6 +145,9 @@ def write_entry(path: Path, key: str, material: dict[str, Any], mp: ModelProgram
         "traces": [t.to_dict() | {"_breaks": [vars(b) for b in t.graph_breaks]}
                    for t in mp.traces],
         "plan_options": plan,
+        "variants": [{"name": v.name, "conditions": v.conditions, "label": v.label,
+                      "kinds": v.kinds, "combinations": v.combinations} for v in mp.variants],
+        "specialization": _specialization_to_json(mp.specialization),
         "records": records,
         "hazards_before": hazards_before,
     }
@@ -204,6 +214,14 @@ def load_entry(path: Path, bundle: ModelBundle, expect_key: str | None = None) -
     (another key, graphopt or Paddle version, or weights the model does not have).
     """
     meta = read_meta(path)
+    try:
+        return _load_entry(path, meta, bundle, expect_key)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a valid JSON of wrong shape
+        raise CacheError(f"{path / ENTRY_FILE} is malformed ({type(e).__name__}: {e})") from None
+
+
+def _load_entry(path: Path, meta: dict[str, Any], bundle: ModelBundle,
+                expect_key: str | None) -> Entry:
     if expect_key is not None and meta.get("key") != expect_key:
         raise CacheError(f"{path} holds key {meta.get('key')}, expected {expect_key}")
     material = meta.get("material", {})
@@ -239,11 +257,38 @@ def load_entry(path: Path, bundle: ModelBundle, expect_key: str | None = None) -
                  for m in meta["marked"]]
     mp.traces = [_trace_from_dict(t) for t in meta["traces"]]
     mp.trace = mp.traces[-1] if mp.traces else TraceInfo()
+    try:
+        mp.variants = [
+            Variant(name=v["name"], conditions=dict(v["conditions"]),
+                    program=_deserialize(path / files[f"variant.{i}"]), label=v["label"],
+                    kinds=list(v["kinds"]), combinations=[dict(c) for c in v["combinations"]])
+            for i, v in enumerate(meta.get("variants", []))]
+        mp.specialization = _specialization_from_json(meta.get("specialization"))
+    except Exception as e:
+        raise CacheError(f"{path}: cannot load its variants: {type(e).__name__}: {e}") from None
     if meta.get("plan_options") is not None:
-        mp.segments = build_plan(program, mp.blacklist, mp.host_inputs, **meta["plan_options"])
+        plan_model_program(mp, **meta["plan_options"])
     return Entry(key=meta["key"], mp=mp, records=list(meta["records"]),
                  hazards_before=meta["hazards_before"], created=meta["created"],
                  material=material)
+
+
+def _specialization_to_json(spec: Specialization | None) -> dict[str, Any] | None:
+    if spec is None:
+        return None
+    return {"conditions": [c.to_dict() for c in spec.conditions], "feasible": spec.feasible,
+            "unreachable": spec.unreachable, "general": spec.general, "rule": spec.rule}
+
+
+def _specialization_from_json(data: dict[str, Any] | None) -> Specialization | None:
+    if data is None:
+        return None
+    return Specialization(
+        conditions=[BranchCondition(c["name"], tuple(c["feeds"]), c["label"], c["location"])
+                    for c in data["conditions"]],
+        feasible=[dict(c) for c in data["feasible"]],
+        unreachable=[dict(c) for c in data["unreachable"]],
+        general=[dict(c) for c in data["general"]], rule=data["rule"])
 
 
 def _deserialize(path: Path) -> paddle.pir.Program:

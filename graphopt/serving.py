@@ -26,6 +26,7 @@ import paddle
 from graphopt.cache import CacheError, CompileCache, Entry, load_entry, read_meta
 from graphopt.models import build_model
 from graphopt.runtime.step import StepExecutor, WholeProgramStep
+from graphopt.runtime.variants import VariantStepExecutor
 
 #: where a run directory keeps its loadable entry
 RUN_DIR_ENTRY = "compiled"
@@ -52,16 +53,19 @@ def load(
     backend: str = "emulator",
     capture_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
     num_warmups: int = 1,
-) -> StepExecutor:
+) -> StepExecutor | VariantStepExecutor:
     """A ready step executor for the optimized step saved at `source` (see module docstring).
 
     ``backend`` is the capture backend (``emulator`` on CPU, ``cuda`` on a CUDA build, ``none``
-    to run segments uncaptured). A step saved without a segment plan raises: use
-    :func:`load_whole` for it.
+    to run segments uncaptured). A step optimized with specialize-branches comes back as a
+    :class:`VariantStepExecutor` (one if-free variant per branch combination, the general plan
+    for the rest), as the run that saved it verified. A step saved without a segment plan
+    raises: use :func:`load_whole` for it.
     """
     entry = _load(source, cache_dir)
-    return StepExecutor(entry.mp, backend=backend, capture_sizes=capture_sizes,
-                        num_warmups=num_warmups)
+    executor = VariantStepExecutor if entry.mp.variants else StepExecutor
+    return executor(entry.mp, backend=backend, capture_sizes=capture_sizes,
+                    num_warmups=num_warmups)
 
 
 def load_whole(source: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None
@@ -73,7 +77,10 @@ def load_whole(source: str | os.PathLike, *, cache_dir: str | os.PathLike | None
 def _load(source: str | os.PathLike, cache_dir: str | os.PathLike | None) -> Entry:
     path = resolve_entry(source, cache_dir)
     meta = read_meta(path)
-    bundle = build_model(meta["material"]["model"])
+    model = meta.get("material", {}).get("model") if isinstance(meta.get("material"), dict) else None
+    if not isinstance(model, dict):
+        raise CacheError(f"{path / 'entry.json'} names no model config (malformed entry)")
+    bundle = build_model(model)
     entry = load_entry(path, bundle)
     if entry.mp.flags:
         paddle.set_flags(dict(entry.mp.flags))

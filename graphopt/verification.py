@@ -34,14 +34,24 @@ from graphopt.runtime.variants import VariantStepExecutor
 
 
 def max_abs_err(a: list[Any], b: list[Any]) -> float:
-    """Largest absolute difference over paired tensors or arrays (inf when shapes differ)."""
+    """Largest absolute difference over paired tensors or arrays.
+
+    Infinite when shapes differ or when only one side is NaN (a NaN must never compare as
+    "no difference": ``max(err, nan)`` would silently keep `err`). Equal infinities and NaN on
+    both sides at one position count as equal.
+    """
     err = 0.0
     for x, y in zip(a, b, strict=True):
         x, y = _array(x), _array(y)
         if x.shape != y.shape:
             return float("inf")
         if x.size:
-            err = max(err, float(np.max(np.abs(x - y))))
+            with np.errstate(invalid="ignore"):
+                d = np.where(x == y, 0.0, np.abs(x - y))
+            d[np.isnan(x) & np.isnan(y)] = 0.0
+            if np.isnan(d).any():
+                return float("inf")
+            err = max(err, float(np.max(d)))
     return err
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("GLOG_minloglevel", "2")
 
@@ -11,6 +12,22 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+BLACKLIST_FLAG = "FLAGS_cuda_graph_blacklist"
+
+
+@pytest.fixture(autouse=True)
+def _empty_blacklist_flag():
+    """Every test starts and ends with Paddle's CUDA-graph blacklist flag empty.
+
+    cudagraph-blacklist-injection merges into the flag's current value (a user's own entries
+    survive), so a value left by an earlier in-process run would leak into later reports and
+    make them depend on test order. Paddle is only touched when some test already imported it.
+    """
+    if "paddle" in sys.modules:
+        sys.modules["paddle"].set_flags({BLACKLIST_FLAG: ""})
+    yield
+    if "paddle" in sys.modules:
+        sys.modules["paddle"].set_flags({BLACKLIST_FLAG: ""})
 
 
 @pytest.fixture(scope="session")

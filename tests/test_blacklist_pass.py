@@ -12,14 +12,6 @@ from graphopt.passes.manager import PassManager
 from tests import programs
 
 
-@pytest.fixture
-def clean_flag():
-    old = paddle.get_flags(FLAG)[FLAG]
-    paddle.set_flags({FLAG: ""})
-    yield
-    paddle.set_flags({FLAG: old})
-
-
 def _run(built, full_cuda_graph=False, **opts):
     mp = programs.model_program(built, blacklist=[])
     mp.properties.add("single-graph")
@@ -30,15 +22,18 @@ def _run(built, full_cuda_graph=False, **opts):
     return mp, record
 
 
-def test_golden_control_flow_only(clean_flag):
-    mp, record = _run(programs.build_cond_program(hoisted=True), include_host_bound=False)
+def test_golden_control_flow_only():
+    built = programs.build_cond_program(hoisted=True)
+    before = program_text(built.program)
+    mp, record = _run(built, include_host_bound=False)
+    assert program_text(mp.program) == before  # the pass only computes the list and the flag
     assert mp.blacklist == ["pd_op.if"] and record.modified
     assert record.stats["control_flow"] == {"pd_op.if": 2}
     assert paddle.get_flags(FLAG)[FLAG] == "pd_op.if"
     assert mp.flags == {FLAG: "pd_op.if"}
 
 
-def test_host_bound_op_names_are_blacklisted_only_when_every_instance_is_host(clean_flag):
+def test_host_bound_op_names_are_blacklisted_only_when_every_instance_is_host():
     # Un-hoisted seed program: every slice/cast computes on max_len_tensor_cpu.
     mp, record = _run(programs.build_cond_program(hoisted=False))
     assert record.stats["host_bound"] == ["pd_op.cast", "pd_op.slice"]
@@ -48,7 +43,7 @@ def test_host_bound_op_names_are_blacklisted_only_when_every_instance_is_host(cl
     assert record.stats["host_bound"] == [] and mp.blacklist == ["pd_op.if"]
 
 
-def test_flag_is_merged_sorted_and_idempotent(clean_flag):
+def test_flag_is_merged_sorted_and_idempotent():
     paddle.set_flags({FLAG: "pd_op.zzz,pd_op.all_reduce"})
     _run(programs.build_cond_program(hoisted=True), splitting_ops=["pd_op.foo"])
     value = paddle.get_flags(FLAG)[FLAG]
@@ -58,7 +53,7 @@ def test_flag_is_merged_sorted_and_idempotent(clean_flag):
     assert merge_flag(" a, ,b,a", ["c", "a"]) == "a,b,c"
 
 
-def test_full_cuda_graph_with_control_flow_is_one_clear_error(clean_flag):
+def test_full_cuda_graph_with_control_flow_is_one_clear_error():
     built = programs.build_cond_program(hoisted=True)
     before = program_text(built.program)
     with pytest.raises(ConfigError) as e:
@@ -71,7 +66,7 @@ def test_full_cuda_graph_with_control_flow_is_one_clear_error(clean_flag):
     assert paddle.get_flags(FLAG)[FLAG] == ""  # nothing set on failure
 
 
-def test_negative_no_control_flow(clean_flag):
+def test_negative_no_control_flow():
     mp, record = _run(programs.build_plain_program())
     assert mp.blacklist == [] and not record.modified
     assert record.stats["control_flow"] == {}

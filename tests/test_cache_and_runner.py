@@ -24,6 +24,7 @@ from graphopt.ir.pir_utils import data_ops, output_values, static_mode
 from graphopt.models import build_model
 from graphopt.runtime.executor import ProgramRunner, RunnerPool, release_interpreters
 from graphopt.runtime.step import StepInputs, WholeProgramStep
+from graphopt.runtime.variants import VariantStepExecutor
 from graphopt.serving import load, load_whole
 from tests import programs as P
 from tests.conftest import compose_cfg
@@ -131,7 +132,33 @@ def test_cache_miss_then_hit_skips_trace_and_passes(tmp_path, capsys):
     assert other["cache"]["status"] == "miss" and other["cache"]["key"] != cold["cache"]["key"]
 
 
-@pytest.mark.parametrize("damage", ["program", "checksum", "version", "json"])
+def test_cache_hit_of_a_full_graph_run_runs_its_variants(tmp_path):
+    """A hit restores the if-free variants and dispatches to them, as the cold run did."""
+    cache_dir = tmp_path / "cache"
+    extra = ("pipeline=full_graph", "full_cuda_graph=true")
+    cold = _opt(tmp_path, "cold", cache_dir, *extra)
+    warm = _opt(tmp_path, "warm", cache_dir, *extra)
+    assert warm["cache"]["status"] == "hit" and warm["verified"]
+    assert len(warm["variants"]) == 3
+    assert warm["variants"] == cold["variants"]
+    assert warm["specialization"] == cold["specialization"]
+    assert warm["numerics_dispatched"] == cold["numerics_dispatched"]
+    assert {d["target"] for d in warm["replay"]["stats"]["dispatch"]} == {
+        v["name"] for v in cold["variants"]}
+    # and serving it runs the variants, equal to eager on every kind
+    step = load(tmp_path / "warm", backend="none")
+    assert isinstance(step, VariantStepExecutor)
+    bundle = step.mp.model
+    rng = np.random.default_rng(5)
+    for kind in ("prefill", "decode", "mixed"):
+        batch = bundle.random_batch(rng, kind)
+        eager = bundle.step(batch, commit=False)
+        got = step.run(batch)
+        assert all(np.array_equal(g.numpy(), e) for g, e in zip(got, eager, strict=True))
+        bundle.commit_state(eager[1:])
+
+
+@pytest.mark.parametrize("damage", ["program", "checksum", "version", "json", "keys"])
 def test_corrupt_or_stale_entry_is_rebuilt_with_one_warning(tmp_path, capsys, damage):
     cache_dir = tmp_path / "cache"
     key = _opt(tmp_path, "cold", cache_dir)["cache"]["key"]
@@ -144,6 +171,9 @@ def test_corrupt_or_stale_entry_is_rebuilt_with_one_warning(tmp_path, capsys, da
         (entry / "entry.json").write_text(json.dumps(meta))
     elif damage == "version":
         meta["paddle"] = "0.0.0"
+        (entry / "entry.json").write_text(json.dumps(meta))
+    elif damage == "keys":  # valid JSON of the wrong shape
+        del meta["host_inputs"]
         (entry / "entry.json").write_text(json.dumps(meta))
     else:
         (entry / "entry.json").write_text("{ truncated")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import paddle
 import pytest
 
-from graphopt.ir.pir_utils import op_sequence, program_text
+from graphopt.ir.pir_utils import op_sequence, program_text, remove_dead_ops
 from graphopt.passes.analysis.placement import hazards_of
 from graphopt.passes.manager import PassManager
 from tests import programs
@@ -103,3 +104,18 @@ def test_golden_text_main_program_and_prologue():
         CHECK: "builtin.shadow_output" ([[C0]]) {output_name:"hoisted.0"}
         CHECK-NEXT: "builtin.shadow_output" ([[C1]]) {output_name:"hoisted.1"}
     """)
+
+
+def test_dead_code_removal_keeps_in_place_writes():
+    """A write whose result nobody reads (a model's cache update) is not dead code."""
+    main = paddle.static.Program()
+    with paddle.pir_utils.IrGuard(), paddle.static.program_guard(main):
+        x = paddle.static.data("x", [4], "float32")
+        cache = paddle.static.data("cache", [4], "float32")
+        _ = x * 2.0  # dead: nobody reads it
+        paddle.assign(x, output=cache)  # in place: nobody reads its result either
+    ops = op_sequence(main)
+    assert "pd_op.assign_out_" in ops and "pd_op.scale" in ops
+    remove_dead_ops(main.global_block())
+    after = op_sequence(main)
+    assert "pd_op.assign_out_" in after and "pd_op.scale" not in after

@@ -78,10 +78,11 @@ def test_random_steps_of_mixed_kinds_replay_exactly():
     for name, t in st["targets"].items():
         assert t["captured_graphs"] == len({s for n, s in keys if n == name})
         assert set(t["static_input_bytes"]) == set(t["graph_sizes"])
-    # a full graph per (variant, size): 1 token + the cache, float32 [4, 8]
+    # a full graph per (variant, size) pins its padded tokens + the cache, float32 [4, 8]
     decode = st["targets"]["hoisted.0=0,hoisted.1=1"]
-    if 1 in decode["graph_sizes"]:
-        assert decode["static_input_bytes"][1] == (1 * P.HIDDEN + P.CACHE_ROWS * P.HIDDEN) * 4
+    assert decode["graph_sizes"]
+    for size in decode["graph_sizes"]:
+        assert decode["static_input_bytes"][size] == (size + P.CACHE_ROWS) * P.HIDDEN * 4
 
 
 def test_a_combination_no_variant_serves_is_refused():

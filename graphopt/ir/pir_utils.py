@@ -254,11 +254,21 @@ def has_uses(value: paddle.pir.Value) -> bool:
     return len(value.all_used_ops()) > 0
 
 
+def has_side_effects(op: paddle.pir.Operation) -> bool:
+    """Whether `op` may change state other than its own results (so it is never dead)."""
+    if op.num_regions() > 0:  # control flow: only as effectful as what its blocks do
+        return any(has_side_effects(inner) for block in op.blocks() for inner in block.ops
+                   if inner.name() != "cf.yield")
+    return op.name().endswith("_") or op.num_results() == 0
+
+
 def remove_dead_ops(block: paddle.pir.Block, keep_inputs: bool = True) -> int:
     """Remove ops of `block` whose results nobody uses (repeat until stable). Returns how many.
 
     Feeds (pd_op.data) and parameters are kept when `keep_inputs` (the runtime feeds by name);
-    outputs and yields are always kept.
+    outputs and yields are always kept, and so is every op that may act through something other
+    than its results: in-place ops (``pd_op.set_value_``, a model's cache write whose result
+    nobody reads), ops without results, and control flow containing either.
     """
     roots = INTERFACE_OPS if keep_inputs else frozenset({"builtin.shadow_output", "cf.yield"})
     removed = 0
@@ -266,7 +276,7 @@ def remove_dead_ops(block: paddle.pir.Block, keep_inputs: bool = True) -> int:
     while changed:
         changed = False
         for op in reversed(list(block.ops)):
-            if op.name() in roots:
+            if op.name() in roots or has_side_effects(op):
                 continue
             if any(has_uses(r) for r in op.results()):
                 continue

@@ -88,26 +88,8 @@ class PiecewiseSplit(Pass):
     must_run_after = ("cudagraph-blacklist-injection",)
 
     def run(self, mp: ModelProgram) -> PassResult:
-        opts = {"recurse_into_branches": self.options.recurse_into_branches,
-                "min_segment_ops": self.options.min_segment_ops}
-        blacklist = list(mp.blacklist)
-        if mp.variants:
-            # With variants the main program is planned too: it serves the combinations no
-            # variant serves (the hybrid) and is the piecewise baseline the report compares
-            # with. Its control flow must never be captured, even when full_cuda_graph=true
-            # left pd_op.if off the blacklist (variants have none).
-            blacklist = sorted(set(blacklist) | {
-                op.name() for op in walk_ops(mp.program.global_block())
-                if op.name() in CONTROL_FLOW_OPS})
-        mp.segments = build_plan(mp.program, blacklist, mp.host_inputs,
-                                 placement=placement_of(mp), **opts)
-        stats = mp.segments.stats()
-        for v in mp.variants:
-            # a variant has no control flow: with nothing else blacklisted it is one captured
-            # segment, i.e. one full graph per capture size
-            v.segments = build_plan(v.program, mp.blacklist, mp.host_inputs, **opts)
-        if mp.variants:
-            stats["variants"] = {v.name: v.segments.stats() for v in mp.variants}
+        stats = plan_model_program(mp, self.options.recurse_into_branches,
+                                   self.options.min_segment_ops)
         # modified: the ModelProgram gained plans; the programs themselves are unchanged
         return PassResult(modified=True, stats=stats)
 
@@ -136,6 +118,35 @@ def _check_segmented(mp: ModelProgram) -> str | None:
 
 
 # -- building a plan --------------------------------------------------------------------------
+def plan_model_program(mp: ModelProgram, recurse_into_branches: bool = True,
+                       min_segment_ops: int = 1) -> dict[str, Any]:
+    """Give `mp`'s program and each of its variants a segment plan; returns the plan stats.
+
+    What the pass does, also called on a program loaded from the compile cache so that a
+    cache hit runs exactly the plans a cold run would.
+    """
+    opts = {"recurse_into_branches": recurse_into_branches, "min_segment_ops": min_segment_ops}
+    blacklist = list(mp.blacklist)
+    if mp.variants:
+        # With variants the main program is planned too: it serves the combinations no
+        # variant serves (the hybrid) and is the piecewise baseline the report compares
+        # with. Its control flow must never be captured, even when full_cuda_graph=true
+        # left pd_op.if off the blacklist (variants have none).
+        blacklist = sorted(set(blacklist) | {
+            op.name() for op in walk_ops(mp.program.global_block())
+            if op.name() in CONTROL_FLOW_OPS})
+    mp.segments = build_plan(mp.program, blacklist, mp.host_inputs,
+                             placement=placement_of(mp), **opts)
+    stats = mp.segments.stats()
+    for v in mp.variants:
+        # a variant has no control flow: with nothing else blacklisted it is one captured
+        # segment, i.e. one full graph per capture size
+        v.segments = build_plan(v.program, mp.blacklist, mp.host_inputs, **opts)
+    if mp.variants:
+        stats["variants"] = {v.name: v.segments.stats() for v in mp.variants}
+    return stats
+
+
 def build_plan(
     program: paddle.pir.Program,
     blacklist: Sequence[str],
