@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, TextIO
@@ -51,6 +52,7 @@ from graphopt.report.rundir import (
     RunDirError,
     RunDirLock,
     check_run_dir,
+    clear_outputs,
     remove_pending,
 )
 
@@ -127,8 +129,15 @@ def _hydra_mode(argv: list[str]) -> bool:
     """A sweep (checked per job) or one of Hydra's info flags (nothing runs)."""
     if any(a in ("-m", "--multirun") for a in argv):
         return True
-    return any(a.startswith(("--cfg", "-c", "--help", "-h", "--info", "--hydra-help"))
-               for a in argv)
+    return any(a in _HYDRA_OWN_FLAGS or a.startswith(_HYDRA_OWN_PREFIXES) for a in argv)
+
+
+#: Hydra's flags that print something and run nothing, and those that choose another primary
+#: config than the one the preflight composes (the run still validates that one itself)
+_HYDRA_OWN_FLAGS = frozenset({"-c", "--cfg", "-h", "--help", "--info", "-i", "--hydra-help",
+                              "--shell-completion", "-sc", "-cn", "--config-name", "-cp",
+                              "--config-path", "-cd", "--config-dir"})
+_HYDRA_OWN_PREFIXES = ("--cfg=", "--info=", "--config-name=", "--config-path=", "--config-dir=")
 
 
 def check_config(argv: list[str]) -> DictConfig | None:
@@ -229,8 +238,10 @@ class _Stream:
         return getattr(self._stream, name)
 
 
-#: what an interrupt must clean up: the run directory, its lock, and the clock
-_STATE: dict[str, Any] = {"run_dir": None, "lock": None, "safe_stdout": None}
+#: what an interrupt must clean up: the run directory and its lock
+_STATE: dict[str, Any] = {"run_dir": None, "lock": None}
+#: when this process started (a file modified since was written by this run)
+_STARTED = time.time() - 1.0
 
 
 def _on_signal(signum: int, frame: Any) -> None:
@@ -240,7 +251,7 @@ def _on_signal(signum: int, frame: Any) -> None:
     removed = remove_pending()
     run_dir = _STATE.get("run_dir")
     if run_dir is not None:
-        for tmp in Path(run_dir).rglob(".*.tmp*"):  # direct temp writes (IR dumps, pictures)
+        for tmp in _written_by_this_run(Path(run_dir), ".*.tmp*"):  # direct temp writes
             with contextlib.suppress(OSError):
                 tmp.unlink()
                 removed.append(str(tmp))
@@ -275,8 +286,7 @@ def _claim(run_dir: Path, overwrite: bool) -> None:
     lock = RunDirLock(run_dir).acquire()
     _STATE["run_dir"], _STATE["lock"] = run_dir, lock
     if overwrite:
-        for name in (*FINISHED_MARKERS, "error.txt"):
-            (run_dir / name).unlink(missing_ok=True)
+        clear_outputs(run_dir)
 
 
 def _pin_run_dir(run_dir: Path) -> None:
@@ -307,13 +317,24 @@ def _log_to_run_dir() -> None:
         sys.stderr = _Stream(sys.stderr, console, logging.ERROR)
 
 
+def _written_by_this_run(run_dir: Path, pattern: str = "*") -> list[Path]:
+    """Paths under `run_dir` this process wrote (modified since it started). A run directory
+    may be a user's own folder (``hydra.run.dir=.``): nothing older is ever touched."""
+    out = []
+    for path in run_dir.rglob(pattern):
+        with contextlib.suppress(OSError):
+            if path.lstat().st_mtime >= _STARTED:
+                out.append(path)
+    return out
+
+
 def _finish(run_dir: Path, code: int) -> None:
     """The last line (where, how long), consistent modes (0644) and no lock left behind."""
     if code in (0, 1) and (run_dir / "report.json").exists():
         print(f"graphopt: run directory {run_dir} (total {progress.current().elapsed():.1f} s)")
     with contextlib.suppress(Exception):
         sys.stdout.flush()
-    for path in [run_dir, *run_dir.rglob("*")]:
+    for path in _written_by_this_run(run_dir):
         with contextlib.suppress(OSError):
             if path.is_file():
                 path.chmod(0o644)
@@ -342,6 +363,8 @@ def _hydra_main(cfg: DictConfig) -> None:
                                 "finished run (report.json); set overwrite=true to replace it")
             print(message, file=sys.stderr)
         else:
+            if hc.mode == RunMode.MULTIRUN and cfg.overwrite:
+                clear_outputs(run_dir)  # a re-run job keeps nothing of its last run
             code, message = run(cfg)
     finally:
         _finish(run_dir, code)

@@ -144,3 +144,21 @@ def test_sweep_runs_every_job_and_reports(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     rows = [ln for ln in out.splitlines() if ln.startswith("| model=tiny")]
     assert len(rows) == 2 and "verified" in rows[1] and "pd_op.if" in rows[0]
+
+
+def test_overwrite_replaces_the_whole_run_and_leaves_the_users_files_alone(tmp_path):
+    """overwrite=true keeps nothing of the old run (its variants, its compiled step) and a run
+    directory that is the user's own folder keeps its files' modes."""
+    script = tmp_path / "notes.sh"
+    script.write_text("echo mine\n")
+    script.chmod(0o755)
+    first = _run("model=tiny", "pipeline=full_graph", f"hydra.run.dir={tmp_path}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (tmp_path / "variants").is_dir()
+    again = _run("model=tiny", f"hydra.run.dir={tmp_path}", "overwrite=true")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not (tmp_path / "variants").exists()  # the new run has no variants
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert not report["variants"]
+    assert oct(script.stat().st_mode & 0o777) == oct(0o755)
+    assert oct((tmp_path / "report.json").stat().st_mode & 0o777) == oct(0o644)

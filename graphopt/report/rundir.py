@@ -16,6 +16,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,12 @@ from pathlib import Path
 LOCK_NAME = ".graphopt.lock"
 #: files of a finished run: their presence means the directory is taken
 FINISHED_MARKERS = ("report.json",)
+#: everything a run writes into its directory besides Hydra's own files; ``overwrite=true``
+#: removes all of it first, so nothing of the old run (a compiled step, a picture) survives
+#: next to the new run's report
+RUN_OUTPUTS = (*FINISHED_MARKERS, "error.txt", ".exit_code", "compiled", "ir", "bisect",
+               "variants", "pipeline.yaml", "program.txt", "program.json", "prologue.txt",
+               "segments.json", "segments.svg", "segments.png", "flags.env")
 
 #: temp files of atomic writes in progress (removed by an interrupt)
 _PENDING: set[str] = set()
@@ -153,3 +160,13 @@ def remove_pending() -> list[str]:
             removed.append(key)
         _PENDING.discard(key)
     return removed
+
+
+def clear_outputs(run_dir: Path) -> None:
+    """Remove what an earlier run wrote into `run_dir` (:data:`RUN_OUTPUTS`), nothing else."""
+    for name in RUN_OUTPUTS:
+        path = Path(run_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
