@@ -87,6 +87,9 @@ class TraceInfo:
     marked: int = 0
     #: meta tensors that SOT bound as builtin.parameter (captured by reference): fed by value now.
     host_bound_by_reference: list[str] = field(default_factory=list)
+    #: tensor inputs of the traced graph that are neither step arguments, forward-meta fields nor
+    #: the model's parameters or buffers (``const.0 [4, 8] float32``): frozen at trace time
+    frozen_inputs: list[str] = field(default_factory=list)
 
     def break_sites(self) -> list[dict[str, Any]]:
         """Distinct places the graph broke (innermost user frame), with how often SOT said so."""
@@ -112,6 +115,7 @@ class TraceInfo:
             "wall_s": round(self.wall_s, 4),
             "marked": self.marked,
             "host_bound_by_reference": list(self.host_bound_by_reference),
+            "frozen_inputs": list(self.frozen_inputs),
         }
 
 

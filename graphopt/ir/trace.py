@@ -245,7 +245,9 @@ def trace_step(mp: ModelProgram, batch: StepBatch) -> Any:
     mp.sot_step = static_fn
     mp.properties.add("traced")
     mp.invalidate()
-    if len(graphs) == 1 and not breaks:
+    # one graph run once is the whole step; a graph run several times per step (SOT went back
+    # to Python between runs) covers only part of it
+    if len(graphs) == 1 and not breaks and calls["runs"] == 1:
         w = graphs[0]
         if id(w) not in calls:
             raise TraceError("SOT compiled one graph but never called it; cannot map its inputs")
@@ -275,6 +277,8 @@ def _adopt_program(mp: ModelProgram, wrapper: Any, inputs: tuple, batch: StepBat
             f"SOT graph has {len(input_values)} inputs but was called with {len(inputs)}"
         )
     params: dict = {}
+    owned = {id(t) for t in (*mp.model.layer.parameters(), *mp.model.layer.buffers())}
+    frozen = []
     for value, tensor in zip(input_values, inputs, strict=True):
         name = by_id.get(id(tensor))
         if name is None:
@@ -282,6 +286,8 @@ def _adopt_program(mp: ModelProgram, wrapper: Any, inputs: tuple, batch: StepBat
             # constant for the step, so its value travels with the weights as a `const.` feed.
             name = f"const.{len([n for n in params if n.startswith('const.')])}"
             params[name] = tensor.detach()
+            if id(tensor) not in owned:  # reached some other way: it may well change per step
+                frozen.append(f"{name} {list(tensor.shape)} {str(tensor.dtype).split('.')[-1]}")
         op = mapping.look_up(value).get_defining_op()
         op.set_str_attr("name", name)
 
@@ -310,4 +316,5 @@ def _adopt_program(mp: ModelProgram, wrapper: Any, inputs: tuple, batch: StepBat
     mp.program = program
     mp.params = params
     mp.trace.host_bound_by_reference = sorted(by_reference)
+    mp.trace.frozen_inputs = frozen
     mp.host_inputs = [f"meta.{h}" for h in mp.model.host_inputs]

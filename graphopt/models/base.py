@@ -27,6 +27,8 @@ import numpy as np
 import paddle
 
 BATCH_KINDS = ("prefill", "decode", "mixed")
+#: marks a patched attribute that the owner only inherited
+_INHERITED = object()
 
 
 @dataclass
@@ -87,7 +89,11 @@ class ModelBundle:
     # -- source patches (capture-control-flow) --------------------------------------------
     def patch(self, owner: Any, attr: str, new: Any) -> None:
         """Replace ``owner.attr`` (e.g. a Layer class's method), remembering the original."""
-        self._patches.append((owner, attr, owner.__dict__.get(attr, getattr(owner, attr))))
+        # an inherited attribute is restored by deleting the override, not by shadowing the
+        # base class's (a classmethod fetched with getattr would come back bound to the base)
+        original = owner.__dict__.get(attr, _INHERITED) if hasattr(owner, "__dict__") else \
+            getattr(owner, attr)
+        self._patches.append((owner, attr, original))
         setattr(owner, attr, new)
 
     def patch_checkpoint(self) -> int:
@@ -97,7 +103,10 @@ class ModelBundle:
         """Undo the patches applied after `checkpoint`, newest first."""
         while len(self._patches) > checkpoint:
             owner, attr, original = self._patches.pop()
-            setattr(owner, attr, original)
+            if original is _INHERITED:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, original)
 
 
 def file_provenance(path: str | Path) -> dict[str, Any]:
@@ -113,21 +122,60 @@ def file_provenance(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_meta_field(meta: Any, path: str) -> paddle.Tensor:
-    """``"caches.3"`` -> ``meta.caches[3]``; ``"max_len_tensor_cpu"`` -> that attribute."""
+    """``"caches.3"`` -> ``meta.caches[3]``; ``"max_len_tensor_cpu"`` -> that attribute;
+    ``"kv.3.0"`` -> ``meta.kv[3][0]``; a dict is indexed by key (the paths
+    :func:`meta_tensor_fields` gives)."""
     obj = meta
     for part in path.split("."):
-        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+        if isinstance(obj, dict):
+            obj = obj[part] if part in obj else obj[int(part)]
+        elif isinstance(obj, (list, tuple)):
+            obj = obj[int(part)]
+        else:
+            obj = getattr(obj, part)
     return obj
 
 
-def meta_tensor_fields(meta: Any) -> dict[str, paddle.Tensor]:
-    """Every tensor reachable from the meta's attributes (lists/tuples indexed), by path."""
+def _fields(obj: Any) -> dict[str, Any]:
+    """An object's attributes, ``__dict__`` or ``__slots__`` (slotted dataclasses)."""
+    out = dict(vars(obj)) if hasattr(obj, "__dict__") else {}
+    for cls in type(obj).__mro__:
+        for name in getattr(cls, "__slots__", ()):
+            if name not in out and hasattr(obj, name):
+                out[name] = getattr(obj, name)
+    return out
+
+
+def meta_tensor_fields(meta: Any, max_depth: int = 4) -> dict[str, paddle.Tensor]:
+    """Every tensor reachable from the meta, by path: its attributes, and inside them lists,
+    tuples, dicts and plain objects (per-layer ``(k, v)`` cache pairs, a dict of buffers, a
+    sub-config), down to `max_depth`. A per-step tensor the walk missed would be frozen into
+    the program at its trace-time value, so the walk is generous."""
     out: dict[str, paddle.Tensor] = {}
-    for name, value in vars(meta).items():
+    seen: set[int] = set()
+
+    def walk(value: Any, path: str, depth: int) -> None:
         if isinstance(value, paddle.Tensor):
-            out[name] = value
+            out.setdefault(path, value)
+            return
+        if (depth >= max_depth or id(value) in seen
+                or isinstance(value, (str, bytes, int, float, bool, type(None), paddle.nn.Layer))):
+            return  # a Layer (an attention backend) holds weights, not per-step inputs
+        seen.add(id(value))
+        if isinstance(value, dict):
+            items = [(str(k), v) for k, v in value.items() if isinstance(k, (str, int))
+                     and "." not in str(k)]
         elif isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                if isinstance(v, paddle.Tensor):
-                    out[f"{name}.{i}"] = v
+            items = [(str(i), v) for i, v in enumerate(value)]
+        elif depth == 0 or hasattr(value, "__dict__") or hasattr(type(value), "__slots__"):
+            if callable(value) or isinstance(value, type):
+                return
+            items = [(k, v) for k, v in _fields(value).items()
+                     if depth == 0 or not k.startswith("_")]
+        else:
+            return
+        for key, v in items:
+            walk(v, f"{path}.{key}" if path else key, depth + 1)
+
+    walk(meta, "", 0)
     return out

@@ -106,6 +106,15 @@ def build_report(cfg: Any, pipeline: dict[str, Any], mp: ModelProgram,
             + " by reference (builtin.parameter): replacing them between steps is silently not "
             "seen by Paddle itself; graphopt feeds them by value every step."
         )
+    if mp.trace.frozen_inputs:
+        warnings.append(
+            f"{len(mp.trace.frozen_inputs)} tensor input(s) of the traced step are neither step "
+            "arguments, forward-meta fields nor the model's parameters or buffers ("
+            + ", ".join(mp.trace.frozen_inputs[:3]) + (", ..." if len(mp.trace.frozen_inputs) > 3
+                                                        else "")
+            + "): they are frozen at their trace-time values. If one changes per step, reach it "
+            "through forward_meta."
+        )
     control: dict[str, int] = {}
     if mp.program is not None:
         for op in walk_ops(mp.program.global_block()):
