@@ -23,6 +23,7 @@ stale entry is detected on load (checksums, versions, key) and rebuilt.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -72,9 +73,21 @@ def key_material(model_cfg: dict[str, Any], provenance: dict[str, Any],
         "pipeline": pipeline,
         "options": options,
         "graphopt": graphopt.__version__,
+        # an edited pass must not be served from an entry the old code made
+        "graphopt_source": source_digest(),
         "paddle": paddle.__version__,
         "paddle_commit": getattr(paddle.version, "commit", ""),
     }
+
+
+@functools.cache
+def source_digest() -> str:
+    """sha256 over graphopt's own Python sources (names and contents)."""
+    root = Path(graphopt.__file__).parent
+    digest = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        digest.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def cache_key(material: dict[str, Any]) -> str:
@@ -84,7 +97,8 @@ def cache_key(material: dict[str, Any]) -> str:
 
 
 def _without_paths(value: Any) -> Any:
-    """Provenance without file paths: the same weights elsewhere are the same weights."""
+    """Provenance without the weights' file path: their sha256 already names them. (The model
+    config's own `weights` / `config_json` keys are part of the key as written.)"""
     if isinstance(value, dict):
         return {k: _without_paths(v) for k, v in value.items() if k != "path"}
     return value

@@ -91,6 +91,11 @@ class VerifyConfig:
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ValueError(f"verify.steps must be >= 0, got {self.steps}")
+        if self.seed < 0:  # numpy's generators take non-negative seeds only
+            raise ValueError(f"verify.seed must be >= 0, got {self.seed}")
+        if self.whole_program_max_ops < 0:
+            raise ValueError("verify.whole_program_max_ops must be >= 0, got "
+                             f"{self.whole_program_max_ops}")
         for key in ("atol", "replay_atol"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"verify.{key} must be > 0, got {getattr(self, key)}")

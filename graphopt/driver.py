@@ -43,7 +43,7 @@ from graphopt.passes.base import PassRecord, Stage
 from graphopt.passes.instruments import IRDumpInstrument
 from graphopt.passes.listing import describe_passes
 from graphopt.passes.manager import PassManager
-from graphopt.report.progress import ProgressInstrument, memory_mb, phase
+from graphopt.report.progress import ProgressInstrument, memory_mb, phase, reset_peak_rss
 from graphopt.report.report import (
     build_report,
     summary,
@@ -72,6 +72,7 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
     print(pm.describe())
 
     t_start = time.perf_counter()
+    reset_peak_rss()  # the peak this run reports is its own (a sweep runs jobs in one process)
     timings: dict[str, float] = {}
     rng = np.random.default_rng(cfg.verify.seed)
     if cfg.cache.enabled:
@@ -245,7 +246,7 @@ def optimize_cached(
     (corrupt, stale) is reported in one warning line, rebuilt and replaced. Returns what
     :func:`build_and_optimize` does, plus ``{"status": hit|miss|rebuilt, "key", ...}``.
     """
-    with _timed(timings, "build"):
+    with phase("build", f"(model={cfg.model.name})"), _timed(timings, "build"):
         bundle = build_model(cfg.model)
     material = _key_material(cfg, pm, bundle)
     key = cache_key(material)

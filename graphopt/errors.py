@@ -51,5 +51,5 @@ def one_line(error: BaseException, limit: int = 0) -> str:
         keep.append(line)
     text = " ".join(keep) or type(error).__name__
     if limit and len(text) > limit:
-        text = text[: limit - 3] + "..."
+        text = text[: limit - 3] + "..." if limit > 3 else text[:limit]
     return text

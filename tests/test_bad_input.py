@@ -82,6 +82,7 @@ PREFLIGHT = [
     ("added unknown key", ["+no_such_key=1"], "no_such_key"),
     ("bool mistyped", ["full_cuda_graph=maybe"], "full_cuda_graph"),
     ("overwrite mistyped", ["overwrite=sure"], "overwrite"),
+    ("negative seed", ["verify.seed=-1"], "verify.seed must be >= 0"),
     ("sweep without -m", ["model=tiny,dsv3"], "needs -m"),
     # verify
     ("atol not a number", ["verify.atol=abc"], "verify.atol"),

@@ -53,6 +53,17 @@ def test_flag_is_merged_sorted_and_idempotent():
     assert merge_flag(" a, ,b,a", ["c", "a"]) == "a,b,c"
 
 
+def test_a_later_model_does_not_inherit_an_earlier_models_entries():
+    """Two models optimized in one process (a sweep's jobs): the user's entries stay, the
+    first model's own entries do not leak into the second model's flag."""
+    paddle.set_flags({FLAG: "pd_op.user_op"})
+    _run(programs.build_cond_program(hoisted=True), splitting_ops=["pd_op.first_only"])
+    assert paddle.get_flags(FLAG)[FLAG] == "pd_op.first_only,pd_op.if,pd_op.user_op"
+    mp, _ = _run(programs.build_cond_program(hoisted=True), splitting_ops=["pd_op.second"])
+    assert paddle.get_flags(FLAG)[FLAG] == "pd_op.if,pd_op.second,pd_op.user_op"
+    assert mp.flags == {FLAG: "pd_op.if,pd_op.second,pd_op.user_op"}
+
+
 def test_full_cuda_graph_with_control_flow_is_one_clear_error():
     built = programs.build_cond_program(hoisted=True)
     before = program_text(built.program)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 os.environ.setdefault("GLOG_minloglevel", "2")
 
@@ -213,6 +214,19 @@ def test_safetensors_round_trip_file_and_directory(checkpoint, tmp_path):
     )
     sharded = build_model(small_cfg(seed=3, weights=str(tmp_path)))
     np.testing.assert_array_equal(_step_logits(sharded), logits)
+
+
+def test_a_tensor_in_two_shards_is_refused(checkpoint, tmp_path):
+    """Two shards holding one tensor: which one wins would be an accident of file order."""
+    tensors = load_file(str(checkpoint[0]))
+    names = sorted(tensors)
+    dup = names[0]
+    save_file({k: tensors[k] for k in names[::2]}, str(tmp_path / "a.safetensors"))
+    save_file({k: tensors[k] for k in [dup, *names[1::2]]}, str(tmp_path / "b.safetensors"))
+    with pytest.raises(ConfigError, match=rf"1 in more than one file: {re.escape(dup)} "
+                                          r"\(a\.safetensors, b\.safetensors\)") as info:
+        build_model(small_cfg(weights=str(tmp_path)))
+    assert "\n" not in str(info.value)
 
 
 def _broken(checkpoint, tmp_path, edit) -> str:

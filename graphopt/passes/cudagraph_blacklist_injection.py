@@ -85,10 +85,12 @@ class CudaGraphBlacklistInjection(Pass):
         blacklist = sorted(set(control) | set(self.options.splitting_ops) | set(host_bound))
         previous = list(mp.blacklist)
         mp.blacklist = sorted(set(mp.blacklist) | set(blacklist))
-        value = merge_flag(_current_flag(), mp.blacklist)
+        users = _users_entries()
+        value = merge_flag(users, mp.blacklist)
         mp.flags[FLAG] = value
         if self.options.set_flag:
             paddle.set_flags({FLAG: value})
+            _ADDED_BY_US[:] = sorted(set(mp.blacklist) - set(users.split(",")))
         return PassResult(
             modified=mp.blacklist != previous,
             stats={
@@ -108,6 +110,17 @@ def programs_to_run(mp: ModelProgram) -> list[paddle.pir.Program]:
     if mp.needs_general_program():
         programs.append(mp.program)
     return programs
+
+
+#: entries this process's earlier runs added to the flag (the user had not set them): a later
+#: model in the same process (a sweep's next job, a second served model) must not inherit them
+_ADDED_BY_US: list[str] = []
+
+
+def _users_entries() -> str:
+    """The flag as the user set it: its current value without what graphopt added before."""
+    ours = set(_ADDED_BY_US)
+    return ",".join(e for e in _current_flag().split(",") if e and e not in ours)
 
 
 def _current_flag() -> str:

@@ -28,6 +28,18 @@ from graphopt.passes.instruments import PassInstrument
 log = logging.getLogger("graphopt")
 
 
+def reset_peak_rss() -> bool:
+    """Start this process's peak-RSS count afresh (Linux: ``5`` into ``/proc/self/clear_refs``),
+    so the peak a run reports is its own, not an earlier run's in the same process (a sweep's
+    jobs under Hydra's basic launcher). False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def memory_mb() -> dict[str, float]:
     """This process's resident memory now and at its peak, in MB (Linux; empty elsewhere)."""
     out: dict[str, float] = {}

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import paddle
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from graphopt.errors import ConfigError
 from graphopt.models.deepseek_v3.modeling import (
@@ -124,8 +126,6 @@ FLOAT_DTYPES = ("F16", "F32", "F64")
 
 def _open_all(files: list[Path]) -> Iterator[tuple[Path, str, tuple[int, ...], str]]:
     """(file, tensor name, shape, safetensors dtype) for every tensor, reading headers only."""
-    from safetensors import SafetensorError, safe_open
-
     for f in files:
         try:
             with safe_open(str(f), framework="numpy") as handle:
@@ -145,8 +145,6 @@ def load_hf_safetensors(layer: DeepseekV3ForCausalLM, path: str | Path) -> None:
     unexpected or mis-shaped is reported in one ConfigError (first few names + counts) before
     any parameter is touched.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     expected = hf_tensors(layer)
     num_layers = layer.config.num_hidden_layers
@@ -155,11 +153,14 @@ def load_hf_safetensors(layer: DeepseekV3ForCausalLM, path: str | Path) -> None:
     unexpected: list[str] = []
     misshaped: list[str] = []
     wrong_dtype: list[str] = []
+    duplicated: list[str] = []
     for f, key, shape, dtype in _open_all(_checkpoint_files(path)):
         if key not in expected:
             if not _is_mtp_tensor(key, num_layers, num_mtp):
                 unexpected.append(key)
             continue
+        if key in where:
+            duplicated.append(f"{key} ({where[key].name}, {f.name})")
         where[key] = f
         if shape != expected[key].hf_shape:
             misshaped.append(f"{key} {list(shape)} != {list(expected[key].hf_shape)}")
@@ -171,6 +172,7 @@ def load_hf_safetensors(layer: DeepseekV3ForCausalLM, path: str | Path) -> None:
         for names, what in (
             (missing, "missing"),
             (unexpected, "unexpected"),
+            (duplicated, "in more than one file"),
             (misshaped, "mis-shaped (got != expected)"),
             (wrong_dtype, f"not floating point (expected one of {', '.join(FLOAT_DTYPES)})"),
         )
@@ -179,7 +181,10 @@ def load_hf_safetensors(layer: DeepseekV3ForCausalLM, path: str | Path) -> None:
     if problems:
         raise ConfigError(f"model.weights {str(path)!r}: " + "; ".join(problems))
 
+    # Everything is read before any parameter is set: a tensor that fails to read leaves the
+    # model as it was.
     stacked: dict[int, np.ndarray] = {}  # id(param) -> stacked value being assembled
+    single: list[tuple[paddle.Tensor, np.ndarray]] = []
     for f in sorted(set(where.values())):
         with safe_open(str(f), framework="numpy") as handle:
             for key in (k for k, src in where.items() if src == f):
@@ -193,10 +198,13 @@ def load_hf_safetensors(layer: DeepseekV3ForCausalLM, path: str | Path) -> None:
                     ) from None
                 value = slot.paddle_value(raw)
                 if slot.expert is None:
-                    _set(slot.param, value)
+                    single.append((slot.param, value))
                 else:
-                    buf = stacked.setdefault(id(slot.param), slot.param.numpy())
-                    buf[slot.expert] = value
+                    if id(slot.param) not in stacked:  # one copy per stacked parameter
+                        stacked[id(slot.param)] = slot.param.numpy()
+                    stacked[id(slot.param)][slot.expert] = value
+    for param, value in single:
+        _set(param, value)
     params = {id(s.param): s.param for s in expected.values()}
     for pid, value in stacked.items():
         _set(params[pid], value)
@@ -204,6 +212,4 @@ def load_hf_safetensors(layer: DeepseekV3ForCausalLM, path: str | Path) -> None:
 
 def save_hf_safetensors(layer: DeepseekV3ForCausalLM, path: str | Path) -> None:
     """Write the Layer's weights as one HF-format ``.safetensors`` file (for tests, round trips)."""
-    from safetensors.numpy import save_file
-
     save_file({name: t.to_hf() for name, t in hf_tensors(layer).items()}, str(path))
