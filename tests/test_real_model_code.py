@@ -5,6 +5,8 @@ replay, every batch kind equal to eager."""
 from __future__ import annotations
 
 import hashlib
+import sys
+from pathlib import Path
 
 import numpy as np
 import paddle
@@ -125,3 +127,25 @@ def test_fastdeploy_shapes_as_full_graphs(form, tmp_path):
     assert all(v["segments"]["eager"] == 0 for v in report["variants"])  # one graph each
     assert report["replay"]["steps"] == 30 and report["replay"]["mismatches"] == 0
     assert report["verified"] is True
+
+
+def test_a_model_installed_as_a_package_is_still_the_users_code(tmp_path, monkeypatch):
+    """A model pip-installed into site-packages (a FastDeploy install) is marked and blamed
+    like code in the working directory; Paddle's and graphopt's own code never are."""
+    pkg = tmp_path / "lib" / "site-packages" / "fd_installed"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models.py").write_text(Path(MODEL_FILE).read_text())
+    monkeypatch.syspath_prepend(str(pkg.parent))
+    cfg = compose_cfg("pipeline=cudagraph")
+    cfg.model = OmegaConf.create({"_target_": "fd_installed.models.build", "name": "fd-installed",
+                                  "form": "fd2025"})
+    try:
+        report = optimize(cfg, run_dir=tmp_path / "run")
+    finally:
+        for name in [m for m in sys.modules if m.startswith("fd_installed")]:
+            del sys.modules[name]
+    assert report["verified"] is True and report["graph_breaks"]["after"] == 0
+    (marked,) = report["marked"]
+    assert marked["function"] == "fd_installed.models.MLA2025.forward"
+    assert "site-packages/fd_installed/models.py:" in marked["location"]

@@ -14,6 +14,7 @@ import io
 import linecache
 import os
 import re
+import sys
 import sysconfig
 import tokenize
 from dataclasses import dataclass
@@ -71,6 +72,32 @@ def is_library_file(path: str) -> bool:
     return _is_library_path(path)
 
 
+#: directories of the model's own code: user code even when installed as a package
+_USER_ROOTS: set[Path] = set()
+
+
+def add_user_code(module_name: str) -> Path | None:
+    """Count the top-level package of `module_name` as the user's code (patched, blamed).
+
+    A model installed with pip (a FastDeploy checkout, a package exposing a ``graphopt.models``
+    entry point) lives under ``site-packages``, which otherwise counts as library code. Paddle
+    and graphopt's machinery are never added. Returns the directory added, or None.
+    """
+    top = module_name.split(".")[0]
+    module = sys.modules.get(top)
+    file = getattr(module, "__file__", None)
+    if not file or top in ("paddle", "graphopt", "builtins"):
+        return None
+    root = Path(file).resolve().parent if Path(file).name == "__init__.py" else Path(file).resolve()
+    if str(root).startswith(_LIBRARY_DIRS) and "site-packages" not in str(root) \
+            and "dist-packages" not in str(root):
+        return None  # the standard library
+    if root not in _USER_ROOTS:
+        _USER_ROOTS.add(root)
+        _is_library_path.cache_clear()
+    return root
+
+
 @functools.lru_cache(maxsize=4096)
 def _is_library_path(path: str) -> bool:
     # resolving a path costs system calls, and a deep program names the same few files for
@@ -80,6 +107,8 @@ def _is_library_path(path: str) -> bool:
     except OSError:
         return True
     text = str(resolved)
+    if any(root == resolved or root in resolved.parents for root in _USER_ROOTS):
+        return False
     if _PACKAGE_DIR in resolved.parents:
         return _OWN_MODELS not in resolved.parents
     return "site-packages" in text or "dist-packages" in text or text.startswith(_LIBRARY_DIRS)

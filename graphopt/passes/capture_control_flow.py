@@ -36,7 +36,7 @@ from paddle.jit.sot.utils import need_capture_control_flow
 
 from graphopt.errors import ConfigError, PassError, one_line
 from graphopt.ir.model_program import MarkedFunction, ModelProgram
-from graphopt.ir.sources import format_location, is_library_file, user_frames
+from graphopt.ir.sources import add_user_code, format_location, is_library_file, user_frames
 from graphopt.ir.trace import trace_step
 from graphopt.models.base import BATCH_KINDS
 from graphopt.passes import branch_normalizer as bn
@@ -113,6 +113,7 @@ class CaptureControlFlow(Pass):
         batch = mp.trace_batch
         if batch is None:
             raise ConfigError("capture-control-flow needs a trace batch (mp.trace_batch)")
+        _add_model_package(mp.model.layer)
         marked_before = len(mp.marked)
         rounds = 0
         before: int | None = None
@@ -352,6 +353,16 @@ def _copy_function(fn: Any) -> Any:
     new.__doc__ = fn.__doc__
     new.__dict__.update({k: v for k, v in fn.__dict__.items() if k != _MARK_ATTR})
     return new
+
+
+def _add_model_package(layer: Any) -> None:
+    """The package defining the model's Layer class is the user's code even when installed
+    (another installed library the model uses is not). When the top Layer is a wrapper from
+    Paddle or graphopt, the packages of its sublayers' classes stand in."""
+    roots = {add_user_code(c.__module__) for c in type(layer).__mro__} - {None}
+    if not roots:
+        for sub in layer.sublayers():
+            add_user_code(type(sub).__module__)
 
 
 def _resolve_qualname(qualname: str) -> _Target:
