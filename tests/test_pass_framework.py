@@ -111,6 +111,45 @@ def test_entry_point_passes_are_registered(monkeypatch):
         registry._REGISTRY.pop("test-plugin", None)
 
 
+def test_a_broken_plugin_does_not_hide_the_others(monkeypatch, capsys):
+    class Good(Pass):
+        name = "test-good-plugin"
+        summary = "Loads fine."
+
+    def broken():
+        raise ImportError("No module named 'missing_dep'")
+
+    eps = [SimpleNamespace(name="test-broken-plugin", value="bad:Pass", load=broken),
+           SimpleNamespace(name="good", value="good:Good", load=lambda: Good)]
+    monkeypatch.setattr(registry, "_LOADED", False)
+    monkeypatch.setattr(registry, "_BROKEN", {})
+    monkeypatch.setattr(registry, "entry_points",
+                        lambda group: eps if group == "graphopt.passes" else [])
+    try:
+        assert registry.get_pass("test-good-plugin") is Good
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "test-broken-plugin" in err and "missing_dep" in err
+        with pytest.raises(ConfigError, match="failed to load: No module named 'missing_dep'"):
+            registry.get_pass("test-broken-plugin")
+    finally:
+        registry._REGISTRY.pop("test-good-plugin", None)
+
+
+def test_two_classes_from_different_modules_cannot_share_a_pass_name():
+    def make(module):
+        cls = type("Fuse", (Pass,), {"name": "test-fuse", "summary": "Fuses.",
+                                     "__module__": module})
+        return cls
+
+    registry.register_pass(make("plugin_a"))
+    try:
+        with pytest.raises(ValueError, match="registered twice"):
+            registry.register_pass(make("plugin_b"))
+        registry.register_pass(make("plugin_a"))  # the same class re-imported: fine
+    finally:
+        registry._REGISTRY.pop("test-fuse", None)
+
+
 def test_listing_shows_every_pass_with_options():
     text = describe_passes()
     assert "paddle-native  [program]" in text

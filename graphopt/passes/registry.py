@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import re
+import sys
 from importlib.metadata import entry_points
 
 from graphopt.errors import ConfigError
@@ -16,9 +17,12 @@ from graphopt.passes.base import Pass
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _LOADED = False
+#: entry-point name -> why it failed to load
+_BROKEN: dict[str, str] = {}
 _KEBAB = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
-#: Modules of the built-in passes; imported lazily so `import passes` stays cheap.
+#: Modules of the built-in passes; imported on first lookup so `import graphopt.passes` stays
+#: cheap.
 BUILTIN_MODULES = (
     "graphopt.passes.paddle_native",
     "graphopt.passes.capture_control_flow",
@@ -38,34 +42,38 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     if not cls.summary or "\n" in cls.summary.strip():
         raise ValueError(f"pass {cls.name}: summary must be one non-empty line")
     other = _REGISTRY.get(cls.name)
-    if other is not None and other is not cls and other.__qualname__ != cls.__qualname__:
-        raise ValueError(f"pass name {cls.name!r} is registered twice ({other} and {cls})")
+    # the same class imported again (a module reloaded) replaces itself; another class with
+    # the same pass name, even one with the same class name from another module, is a clash
+    if other is not None and other is not cls and (
+            (other.__module__, other.__qualname__) != (cls.__module__, cls.__qualname__)):
+        raise ValueError(f"pass name {cls.name!r} is registered twice "
+                         f"({other.__module__}.{other.__qualname__} and "
+                         f"{cls.__module__}.{cls.__qualname__})")
     _REGISTRY[cls.name] = cls
     return cls
 
 
 def load_all() -> None:
-    """Import the built-in pass modules and every ``graphopt.passes`` entry point (once)."""
+    """Import the built-in pass modules and every ``graphopt.passes`` entry point (once).
+
+    A plugin that fails to load does not hide the others: the rest are registered, the broken
+    one is named in one warning line, and asking for a pass it provides raises its error.
+    """
     global _LOADED
     if _LOADED:
         return
     _LOADED = True
     for mod in BUILTIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            # A built-in module that is not written yet is skipped; any other import error is a bug.
-            if e.name != mod:
-                raise
+        importlib.import_module(mod)
     for ep in entry_points(group="graphopt.passes"):
         try:
             obj = ep.load()
-        except Exception as e:  # a broken plugin must not hide the others, but must be visible
-            raise ConfigError(
-                f"entry point graphopt.passes:{ep.name} ({ep.value}) failed to load: {e}"
-            ) from e
-        if isinstance(obj, type) and issubclass(obj, Pass):
-            register_pass(obj)
+            if isinstance(obj, type) and issubclass(obj, Pass):
+                register_pass(obj)
+        except Exception as e:
+            why = f"entry point graphopt.passes:{ep.name} ({ep.value}) failed to load: {e}"
+            _BROKEN[ep.name] = why
+            print(f"graphopt: warning: {why}", file=sys.stderr)
 
 
 def get_pass(name: str) -> type[Pass]:
@@ -74,6 +82,8 @@ def get_pass(name: str) -> type[Pass]:
     try:
         return _REGISTRY[name]
     except KeyError:
+        if name in _BROKEN:
+            raise ConfigError(f"pass '{name}': {_BROKEN[name]}") from None
         close = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(
