@@ -71,6 +71,10 @@ PREFLIGHT = [
     ("ordering: source after program",
      ["pipeline.passes=[hoist-host-branch-conditions,capture-control-flow]"],
      "source-stage pass 'capture-control-flow'"),
+    ("ordering: paddle-native after the plan is cut",
+     ["pipeline=cudagraph", "pipeline.passes=[capture-control-flow,hoist-host-branch-conditions,"
+      "cudagraph-blacklist-injection,piecewise-split,paddle-native]"],
+     "must run before 'piecewise-split'"),
     ("ordering: must run after",
      ["pipeline.passes=[capture-control-flow,piecewise-split,cudagraph-blacklist-injection]"],
      "must run after 'cudagraph-blacklist-injection'"),

@@ -15,7 +15,7 @@ import pytest
 from graphopt.ir.pir_utils import data_ops, op_sequence, output_names, program_text
 from graphopt.ir.segment_plan import CAPTURED, EAGER
 from graphopt.passes.base import Stage
-from graphopt.passes.piecewise_split import build_plan
+from graphopt.passes.piecewise_split import _check_segmented, build_plan
 from graphopt.passes.registry import get_pass
 from graphopt.report.picture import draw_plan
 from graphopt.runtime.step import run_plan as _run_plan
@@ -80,6 +80,19 @@ def test_pass_writes_plan_and_stats(seed):
     assert res.stats["captured_host_runtime_values"] == 4  # slice+cast twice: frozen on replay
     assert {s.id: sorted(s.host_runtime) for s in mp.segments.captured if s.host_runtime} == {
         0: ["pd_op.cast@10#0", "pd_op.slice@9#0"], 3: ["pd_op.cast@15#0", "pd_op.slice@14#0"]}
+
+
+def test_segmented_checker_catches_a_plan_that_drops_or_repeats_ops(seed):
+    mp = P.model_program(seed)
+    get_pass("piecewise-split")().run(mp)
+    assert _check_segmented(mp) is None
+    segs = mp.segments.segments
+    dropped = next(s for s in segs if s.kind == CAPTURED)
+    segs.remove(dropped)
+    assert "in no segment" in _check_segmented(mp)
+    segs.insert(0, dropped)
+    segs.append(dropped)
+    assert "in more than one segment" in _check_segmented(mp)
 
 
 def test_pass_rejects_bad_options():

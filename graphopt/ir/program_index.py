@@ -126,12 +126,13 @@ class ProgramIndex:
         return self._path_of[op.id()]
 
     def op(self, path: OpPath) -> paddle.pir.Operation:
+        """The op at `path`."""
         return self.ops[path]
 
     def nested(self, path: OpPath) -> Iterator[OpPath]:
         """Paths of every op nested in the blocks of the op at `path` (depth first)."""
         op = self.ops[path]
-        for b in range(op.num_regions()):
+        for b, _ in enumerate(op.blocks()):  # numbered as _walk numbers them
             for child in self.block_ops.get((*path, b), []):
                 yield child
                 yield from self.nested(child)

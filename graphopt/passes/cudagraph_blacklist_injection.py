@@ -58,7 +58,7 @@ class CudaGraphBlacklistInjection(Pass):
     preserves = (PRESERVES_PROGRAM,)
     must_run_after = ("hoist-host-branch-conditions",)
 
-    def run(self, mp) -> PassResult:
+    def run(self, mp: ModelProgram) -> PassResult:
         ops = [op for program in programs_to_run(mp) for op in walk_ops(program.global_block())]
         control = Counter(op.name() for op in ops if op.name() in CONTROL_FLOW_OPS)
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import paddle
 
 from graphopt.errors import ConfigError
+from graphopt.ir.model_program import ModelProgram
 from graphopt.ir.pir_utils import op_count, program_text, run_paddle_passes
 from graphopt.passes.base import Pass, PassResult, Stage
 from graphopt.passes.registry import register_pass
@@ -135,8 +136,10 @@ class PaddleNative(Pass):
     summary = "Run Paddle's own C++ PIR passes by name (dead_code_elimination_pass, CSE, ...)."
     stage = Stage.PROGRAM
     Options = PaddleNativeOptions
+    # it rewrites the main program only: variants and segment plans cut before it would go stale
+    must_run_before = ("specialize-branches", "piecewise-split")
 
-    def run(self, mp) -> PassResult:
+    def run(self, mp: ModelProgram) -> PassResult:
         program = mp.program
         ops_before = op_count(program, compute_only=False)
         text_before = program_text(program)

@@ -45,7 +45,7 @@ from graphopt.ir.pir_utils import (
     static_mode,
     walk_ops,
 )
-from graphopt.ir.program_index import BlockPath, OpPath, ProgramIndex
+from graphopt.ir.program_index import BlockPath, OpPath, ProgramIndex, path_str
 from graphopt.ir.segment_plan import BRANCH_LABELS, CAPTURED, EAGER, Segment, SegmentPlan
 from graphopt.passes.analysis.liveness import params_used, range_liveness
 from graphopt.passes.analysis.placement import (
@@ -101,19 +101,42 @@ def _check_segmented(mp: ModelProgram) -> str | None:
     plan = mp.segments
     if plan is None:
         return "the ModelProgram has no segment plan"
-    total = sum(1 for op in walk_ops(mp.program.global_block()) if op.name() not in NON_COMPUTE_OPS)
-    if plan.total_compute_ops != total:
-        return f"the plan counts {plan.total_compute_ops} compute ops, the program has {total}"
+    why = _coverage_problem(mp.program, plan)
+    if why:
+        return why
     if plan.inputs != list(data_ops(mp.program)):
         return "the plan's inputs are not the program's feeds"
     for v in mp.variants:
         if v.segments is None:
             return f"variant {v.name} has no segment plan"
-        total = sum(1 for op in walk_ops(v.program.global_block())
-                    if op.name() not in NON_COMPUTE_OPS)
-        if v.segments.total_compute_ops != total:
-            return (f"variant {v.name}: the plan counts {v.segments.total_compute_ops} compute "
-                    f"ops, the program has {total}")
+        why = _coverage_problem(v.program, v.segments)
+        if why:
+            return f"variant {v.name}: {why}"
+    return None
+
+
+def _coverage_problem(program: paddle.pir.Program, plan: SegmentPlan) -> str | None:
+    """Whether the plan's segments hold every compute op of `program` exactly once (an eager
+    ``if`` holds itself; its branches' segments hold what is inside it)."""
+    index = ProgramIndex(program)
+    want = {p for p, op in index.ops.items() if op.name() not in NON_COMPUTE_OPS}
+    got: list[OpPath] = []
+    for seg in plan.walk():
+        unknown = [p for p in seg.op_paths if p not in index.ops]
+        if unknown:
+            return (f"segment {seg.id} names op {path_str(unknown[0])}, which the program does "
+                    "not have")
+        paths = seg.op_paths if seg.is_branching else index.with_nested(seg.op_paths)
+        got.extend(p for p in paths if p in want)
+    held = set(got)
+    if len(got) != len(held):
+        return f"{len(got) - len(held)} compute op(s) are in more than one segment"
+    if want - held:
+        first = min(want - held)
+        return (f"{len(want - held)} compute op(s) are in no segment (first: "
+                f"{index.ops[first].name()} at {path_str(first)})")
+    if plan.total_compute_ops != len(want):
+        return f"the plan counts {plan.total_compute_ops} compute ops, the program has {len(want)}"
     return None
 
 
