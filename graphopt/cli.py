@@ -45,6 +45,7 @@ from paddle.jit.sot.utils.info_collector import InfoCollector
 from graphopt.config import SCHEMA_SUFFIX, register_configs, validate
 from graphopt.driver import optimize
 from graphopt.errors import ConfigError, GraphoptError, VerificationError, one_line
+from graphopt.passes.listing import describe_passes
 from graphopt.report import progress
 from graphopt.report.report import write_atomic
 from graphopt.report.rundir import (
@@ -98,8 +99,7 @@ def check_argv(argv: list[str], config: bool = True) -> Path | None:
     if run_dir is None:
         return None
     flags = _flags(overrides)
-    return check_run_dir(run_dir, overwrite=flags.get("overwrite", False)
-                         or flags.get("list_passes", False))
+    return check_run_dir(run_dir, overwrite=flags.get("overwrite", False))
 
 
 def _flags(overrides: list[str]) -> dict[str, bool]:
@@ -412,6 +412,15 @@ def main() -> None:
     # HYDRA_FULL_ERROR=1: config errors are left to Hydra (full tracebacks); the run directory
     # is still checked and claimed, since a second run must never overwrite a finished one.
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    if _flags(sys.argv[1:]).get("list_passes") and not _hydra_mode(sys.argv[1:]):
+        # nothing runs: no run directory is made (nor a finished one touched)
+        try:
+            check_config(sys.argv[1:])
+        except ConfigError as e:
+            print(f"graphopt: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(describe_passes())
+        return
     try:
         run_dir = check_argv(sys.argv[1:], config=not full)
         if run_dir is not None:

@@ -202,6 +202,7 @@ class BisectResult:
     ir_after: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data for report.json."""
         return dict(vars(self))
 
     def message(self, replay_note: str = "") -> str:
@@ -211,7 +212,8 @@ class BisectResult:
                     + (f"; {replay_note}" if replay_note else ""))
         if self.culprit == "trace":
             return "bisect: the traced program already differs from eager, before any pass"
-        err = max(self.checks[-1]["errors"].values()) if self.checks else float("nan")
+        at = [c for c in self.checks if c.get("after") == self.culprit]
+        err = max(at[0]["errors"].values()) if at else float("nan")
         return (f"bisect: pass '{self.culprit}' is the first to make the step differ from eager "
                 f"(max abs err {err:.3g}); IR before/after: {self.ir_before}, {self.ir_after}")
 

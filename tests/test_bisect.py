@@ -85,3 +85,12 @@ def test_bisect_message_when_no_pass_changed_the_numerics():
     result = BisectResult(checks=[{"after": "trace", "errors": {"mixed": 0.0}}])
     assert "every program pass left the numerics equal" in result.message("replay only")
     assert "replay only" in result.message("replay only")
+
+
+def test_bisect_message_names_the_culprits_own_error():
+    """The error quoted is the one measured after the culprit, not after the last pass."""
+    result = BisectResult(checks=[{"after": "trace", "errors": {"mixed": 0.0}},
+                                  {"after": "bad-pass", "errors": {"mixed": 0.25}},
+                                  {"after": "later-pass", "errors": {"mixed": 7.0}}],
+                          culprit="bad-pass")
+    assert "max abs err 0.25" in result.message()

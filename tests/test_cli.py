@@ -96,12 +96,15 @@ def test_cfg_job_prints_config():
     assert "full_cuda_graph: false" in r.stdout
 
 
-def test_list_passes():
-    r = _run("list_passes=true")
+def test_list_passes(tmp_path):
+    """Lists every pass and touches no run directory, not even a finished one."""
+    (tmp_path / "report.json").write_text("{}\n")
+    r = _run("list_passes=true", f"hydra.run.dir={tmp_path}")
     assert r.returncode == 0, r.stderr
     for name in ("capture-control-flow", "hoist-host-branch-conditions",
                  "cudagraph-blacklist-injection", "piecewise-split", "paddle-native"):
         assert name in r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
 
 
 def test_full_cuda_graph_with_control_flow_is_one_line_exit_2(tmp_path):

@@ -114,13 +114,24 @@ class RunDirLock:
 
     def acquire(self) -> RunDirLock:
         """Take the lock or raise :class:`RunDirError` naming the holder."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RunDirError(f"run directory {self.path.parent}: in use by a live graphopt "
+                                  "run; wait for it or choose another hydra.run.dir=...") from None
+            # The holder unlinks the file when it is done: a lock taken on a file that is no
+            # longer the one at `path` guards nothing (a third process may be creating a new
+            # one). Try again on the current file.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            raise RunDirError(f"run directory {self.path.parent}: in use by a live graphopt "
-                              "run; wait for it or choose another hydra.run.dir=...") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
