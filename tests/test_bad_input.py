@@ -374,3 +374,14 @@ def test_bench_help_does_not_crash():
                        capture_output=True, text=True, env=_env())
     assert r.returncode == 0, r.stderr[-2000:]
     assert "bench.json" in r.stdout and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("override,key", [("bench.repeats=0", "bench.repeats"),
+                                          ("bench.kinds=[]", "bench.kinds")])
+def test_bench_bad_key_is_one_line_exit_2(override, key, tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "bench.py"), "model=tiny",
+                        override, f"hydra.run.dir={tmp_path}"],
+                       capture_output=True, text=True, env=_env())
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert_one_line(r.stderr, key)
+    assert not (tmp_path / "bench.json").exists()

@@ -47,11 +47,27 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 warnings.filterwarnings("ignore", category=UserWarning)
 
 import hydra  # noqa: E402
+import matplotlib  # noqa: E402
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
 from hydra.core.config_store import ConfigStore  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from graphopt.config import GraphoptConfig, register_configs  # noqa: E402
+from graphopt.config import (  # noqa: E402
+    GraphoptConfig,
+    register_configs,
+    validate,
+)
+from graphopt.driver import build_and_optimize  # noqa: E402
+from graphopt.ir.pir_utils import op_count  # noqa: E402
+from graphopt.report.report import write_atomic  # noqa: E402
+from graphopt.runtime.executor import RunnerPool, release_interpreters  # noqa: E402
+from graphopt.runtime.step import StepExecutor, WholeProgramStep  # noqa: E402
+from graphopt.runtime.variants import VariantStepExecutor  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("eager", "sot", "whole", "piecewise", "replay")
@@ -81,6 +97,22 @@ register_configs()
 ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
 
 
+class BenchError(Exception):
+    """A benchmark that cannot give honest numbers: one line, exit 2 (bad keys) or 1."""
+
+
+def check_bench(bench: Any) -> None:
+    """The ``bench`` keys, checked before anything runs (one line naming the key)."""
+    if not bench.layers or any(int(n) < 1 for n in bench.layers):
+        raise BenchError(f"bench.layers={list(bench.layers)}: give one or more layer counts >= 1")
+    kinds = list(bench.kinds)
+    if not kinds or any(k not in ("decode", "mixed", "prefill") for k in kinds):
+        raise BenchError(f"bench.kinds={kinds}: choose from decode, mixed, prefill")
+    for key in ("repeats", "repeats_large"):
+        if int(bench[key]) < 1:
+            raise BenchError(f"bench.{key}={bench[key]}: a median needs at least 1 round")
+
+
 def _geomean(values: list[float]) -> float:
     return round(math.exp(sum(math.log(v) for v in values) / len(values)), 3)
 
@@ -104,6 +136,9 @@ def time_optimize(layers: int, out: Path, cache_dir: Path, label: str) -> dict[s
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
+    if proc.returncode != 0:  # a failed run's wall time and memory would be meaningless
+        raise BenchError(f"tools/optimize.py ({label}, {layers} layers) exited "
+                         f"{proc.returncode}; see {out / f'optimize-L{layers}-{label}.log'}")
     report_file = run_dir / "report.json"
     report = json.loads(report_file.read_text()) if report_file.is_file() else {}
     return {"exit_code": proc.returncode, "wall_s": round(wall, 2),
@@ -117,16 +152,6 @@ def time_optimize(layers: int, out: Path, cache_dir: Path, label: str) -> dict[s
 
 def time_steps(cfg: DictConfig, bench: Any) -> dict[str, Any]:
     """Optimize in this process, then time every mode round-robin on the same batches."""
-    import numpy as np
-    import paddle
-
-    from graphopt.config import validate
-    from graphopt.driver import build_and_optimize
-    from graphopt.ir.pir_utils import op_count
-    from graphopt.runtime.executor import RunnerPool
-    from graphopt.runtime.step import StepExecutor, WholeProgramStep
-    from graphopt.runtime.variants import VariantStepExecutor
-
     layers = int(cfg.model.num_hidden_layers)
     repeats = int(bench.repeats if layers < bench.large_layers else bench.repeats_large)
     pm = validate(cfg)
@@ -135,6 +160,11 @@ def time_steps(cfg: DictConfig, bench: Any) -> dict[str, Any]:
     mp, _, _ = build_and_optimize(cfg, pm, rng)
     optimize_s = time.perf_counter() - t0
     bundle = mp.model
+    if mp.program is None or mp.segments is None:
+        bundle.restore_patches(0)
+        raise BenchError(f"pipeline={cfg.pipeline.name} leaves no single program with a "
+                         "segment plan, and the bench compares the whole program with its "
+                         "segments: use a pipeline that ends with piecewise-split")
     try:
         pool = RunnerPool(mp.params)
         whole = WholeProgramStep(mp, pool)
@@ -229,11 +259,7 @@ def summarize(sizes: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Step-time ratios per mode and size, and optimize wall time (cold / cache hit)."""
     labels = list(result["sizes"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     modes = [m for m in [*MODES, "specialized"] if m != "eager"
@@ -276,11 +302,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
 @hydra.main(version_base="1.3", config_path="pkg://graphopt.conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
     """Benchmark each size of ``bench.layers``; write bench.json and bench.png."""
-    import paddle
-
-    from graphopt.runtime.executor import release_interpreters
-
     bench = cfg.bench
+    try:
+        check_bench(bench)
+    except BenchError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        sys.exit(2)
     # scratch (optimize runs, their logs, the compile cache) always stays in the run directory;
     # only bench.json and bench.png go to bench.out when it is given
     work = Path(HydraConfig.get().runtime.output_dir)
@@ -293,8 +320,12 @@ def main(cfg: DictConfig) -> None:
         label = f"L{layers}"
         r: dict[str, Any] = {}
         if bench.optimize:
-            r["optimize_cold"] = time_optimize(layers, work, cache_dir, "cold")
-            r["optimize_cached"] = time_optimize(layers, work, cache_dir, "cached")
+            try:
+                r["optimize_cold"] = time_optimize(layers, work, cache_dir, "cold")
+                r["optimize_cached"] = time_optimize(layers, work, cache_dir, "cached")
+            except BenchError as e:
+                print(f"bench: error: {e}", file=sys.stderr)
+                sys.exit(1)
             print(f"bench {label}: optimize cold {r['optimize_cold']['wall_s']} s, cached "
                   f"{r['optimize_cached']['wall_s']} s, peak RSS "
                   f"{r['optimize_cold']['peak_rss_mb']} MB", flush=True)
@@ -303,7 +334,11 @@ def main(cfg: DictConfig) -> None:
         size_cfg = OmegaConf.merge(OmegaConf.structured(GraphoptConfig),
                                    OmegaConf.create(size_cfg))
         OmegaConf.update(size_cfg, "model.num_hidden_layers", int(layers), force_add=True)
-        r["steps"] = time_steps(size_cfg, bench)
+        try:
+            r["steps"] = time_steps(size_cfg, bench)
+        except BenchError as e:
+            print(f"bench: error: {e}", file=sys.stderr)
+            sys.exit(2)
         release_interpreters()  # this size's programs are done with
         gc.collect()
         print(f"bench {label}: " + json.dumps({k: v["ratio_vs_eager"]
@@ -324,7 +359,7 @@ def main(cfg: DictConfig) -> None:
                 "orchestration overhead, not CUDA-graph speed-up. Ratios are geometric means "
                 "over batch kinds of medians taken round-robin in one process.",
     }
-    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(out / "bench.json", json.dumps(result, indent=2) + "\n")
     plot(result, out / "bench.png")
     print(json.dumps({k: v for k, v in result.items() if k not in ("sizes",)}, indent=2))
     print(f"bench: wrote {out / 'bench.json'} and {out / 'bench.png'}")

@@ -34,39 +34,48 @@ def job_overrides(job: Path) -> list[str]:
 
 
 def job_row(job: Path) -> dict[str, str]:
+    """One table row for the job directory `job` (its report, or why there is none)."""
     overrides = job_overrides(job)
     row = dict.fromkeys(COLUMNS, "")
     row["overrides"] = " ".join(overrides) or job.name
     error = job / "error.txt"
     report = job / "report.json"
-    if report.is_file():
-        r = json.loads(report.read_text())
-        seg = r.get("segments") or {}
-        hz = r["hazards"]
-        first, last = r["traces"][0], r["traces"][-1]
-        em = r["replay"]
-        before = r["graph_breaks"]["before"]
-        row.update({
-            "graph breaks": (f"{before} -> " if before is not None else "")
-            + str(r["graph_breaks"]["after"]),
-            "SOT graphs": (f"{first['subgraphs']} -> " if before is not None else "")
-            + str(last["subgraphs"]),
-            "hazards": "n/a" if hz["before"] is None else f"{hz['before']} -> {hz['after']}",
-            "segments (cap/eager)": f"{seg['captured']}/{seg['eager']}" if seg else "-",
-            "coverage": f"{seg['coverage']:.4f}" if seg else "-",
-            "full-graph variants": _variants(r),
-            "replay mismatches": f"{em['mismatches']}/{em['steps']}" if em.get("steps") else "-",
-            "time (s)": f"{r['time_s']:.1f}" if r.get("time_s") is not None else "-",
-            "peak RSS (MB)": (f"{r['memory_mb']['peak_rss']:.0f}"
-                              if r.get("memory_mb", {}).get("peak_rss") else "-"),
-            "cache": (r.get("cache") or {}).get("status", "-"),
-            "result": "verified" if r["verified"] else "FAILED: " + r["verify_message"],
-        })
+    try:
+        r = json.loads(report.read_text()) if report.is_file() else None
+        if r is not None:
+            _fill(row, r)
+    except (ValueError, KeyError, TypeError) as e:  # truncated, or written by another version
+        row["result"] = f"unreadable report.json ({type(e).__name__}: {e})"
     if error.is_file():
         row["result"] = error.read_text().strip().removeprefix("graphopt: ")
     elif not report.is_file():
         row["result"] = "no report (job did not finish)"
     return row
+
+
+def _fill(row: dict[str, str], r: dict) -> None:
+    """The columns of one job from its report."""
+    seg = r.get("segments") or {}
+    hz = r["hazards"]
+    first, last = r["traces"][0], r["traces"][-1]
+    em = r["replay"]
+    before = r["graph_breaks"]["before"]
+    row.update({
+        "graph breaks": (f"{before} -> " if before is not None else "")
+        + str(r["graph_breaks"]["after"]),
+        "SOT graphs": (f"{first['subgraphs']} -> " if before is not None else "")
+        + str(last["subgraphs"]),
+        "hazards": "n/a" if hz["before"] is None else f"{hz['before']} -> {hz['after']}",
+        "segments (cap/eager)": f"{seg['captured']}/{seg['eager']}" if seg else "-",
+        "coverage": f"{seg['coverage']:.4f}" if seg else "-",
+        "full-graph variants": _variants(r),
+        "replay mismatches": f"{em['mismatches']}/{em['steps']}" if em.get("steps") else "-",
+        "time (s)": f"{r['time_s']:.1f}" if r.get("time_s") is not None else "-",
+        "peak RSS (MB)": (f"{r['memory_mb']['peak_rss']:.0f}"
+                          if r.get("memory_mb", {}).get("peak_rss") else "-"),
+        "cache": (r.get("cache") or {}).get("status", "-"),
+        "result": "verified" if r["verified"] else "FAILED: " + r["verify_message"],
+    })
 
 
 def _variants(r: dict) -> str:
@@ -98,7 +107,7 @@ def _number(value: str) -> float | None:
 
 def plot_key(key: str, points: list[tuple[str, Path]], path: Path) -> bool:
     """Time and peak RSS against the values of `key` (one dot per job); False if no data."""
-    import matplotlib
+    import matplotlib  # only when drawing: the table alone stays quick to print
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -138,6 +147,7 @@ def plot_key(key: str, points: list[tuple[str, Path]], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print the sweep's table, draw a plot per swept key; 2 on a bad directory."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep_dir", type=Path)
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
@@ -163,7 +173,14 @@ def main(argv: list[str] | None = None) -> int:
             if plot_key(key, points, path):
                 print(f"plot: {path}")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(rows, indent=2) + "\n")
+            tmp.replace(args.json)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            print(f"sweep_report: cannot write {args.json}: {e.strerror or e}", file=sys.stderr)
+            return 2
     return 0
 
 
