@@ -69,7 +69,15 @@ def _hydra_one_line(e: Exception) -> str:
         return f"unknown {group} '{name}': choose one of {', '.join(options)}"
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     keep = [ln for ln in lines if not ln.startswith(("full_key:", "object_type", "Set the env"))]
-    return " ".join(keep[:2]) if keep else type(e).__name__
+    text = " ".join(keep[:2]) if keep else type(e).__name__
+    cause = e.__cause__
+    if text.startswith("Error merging override") and cause is not None:
+        # Hydra's own line names the override only; OmegaConf's cause says what is wrong
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        key = getattr(cause, "full_key", None)
+        if first:
+            text = f"{key}: {first}" if key else f"{text}: {first}"
+    return text
 
 
 def _search_path(overrides: list[str]) -> list[str]:

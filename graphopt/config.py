@@ -35,12 +35,20 @@ class Backend(str, enum.Enum):
     none = "none"
 
 
+class Device(str, enum.Enum):
+    """Where the model runs."""
+
+    cpu = "cpu"
+    gpu = "gpu"
+
+
 @dataclass
 class RuntimeConfig:
     """``runtime``: how optimized steps run (capture backend and sizes)."""
 
     backend: Backend = Backend.emulator
-    device: str = "cpu"
+    #: where the model and its programs run (paddle.set_device before the model is built)
+    device: Device = Device.cpu
     #: batch token counts that get a captured graph; a batch is padded up to the next size
     cudagraph_capture_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
     cudagraph_num_of_warmups: int = 1
@@ -195,5 +203,11 @@ def validate(cfg: DictConfig) -> PassManager:
     if cfg.runtime.backend == Backend.cuda.value and not paddle.is_compiled_with_cuda():
         raise ConfigError("runtime.backend=cuda needs a CUDA build of Paddle (paddlepaddle-gpu "
                           "3.3); this Paddle is CPU-only: use runtime=cpu (the replay emulator)")
+    if cfg.runtime.device == Device.gpu.value and not paddle.is_compiled_with_cuda():
+        raise ConfigError("runtime.device=gpu needs a CUDA build of Paddle (paddlepaddle-gpu "
+                          "3.3); this Paddle is CPU-only: use runtime=cpu")
+    if cfg.runtime.backend == Backend.cuda.value and cfg.runtime.device != Device.gpu.value:
+        raise ConfigError("runtime.backend=cuda captures CUDA graphs of a model on the GPU: set "
+                          "runtime.device=gpu too (runtime=gpu sets both)")
     return PassManager.from_config(list(cfg.pipeline.passes), cfg.pipeline.options,
                                    verify_each=cfg.verify_each)

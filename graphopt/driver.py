@@ -185,6 +185,7 @@ def build_and_optimize(
     ``trace_optimized``, ``passes``). A `bundle` already built from ``cfg.model`` is used as is.
     """
     timings = timings if timings is not None else {}
+    _set_device(cfg)
     if bundle is None:
         with phase("build", f"(model={cfg.model.name})"), _timed(timings, "build"):
             bundle = build_model(cfg.model)
@@ -225,6 +226,11 @@ def build_and_optimize(
     return mp, records, hazards_before
 
 
+def _set_device(cfg: DictConfig) -> None:
+    """``runtime.device``: where the model is built and its programs run."""
+    paddle.set_device(str(getattr(cfg.runtime.device, "value", cfg.runtime.device)))
+
+
 def _key_material(cfg: DictConfig, pm: PassManager, bundle: ModelBundle) -> dict[str, Any]:
     """What the optimized step of this run depends on (see graphopt.cache.key_material)."""
     return key_material(
@@ -246,6 +252,7 @@ def optimize_cached(
     (corrupt, stale) is reported in one warning line, rebuilt and replaced. Returns what
     :func:`build_and_optimize` does, plus ``{"status": hit|miss|rebuilt, "key", ...}``.
     """
+    _set_device(cfg)
     with phase("build", f"(model={cfg.model.name})"), _timed(timings, "build"):
         bundle = build_model(cfg.model)
     material = _key_material(cfg, pm, bundle)

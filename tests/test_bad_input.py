@@ -87,6 +87,8 @@ PREFLIGHT = [
     ("bool mistyped", ["full_cuda_graph=maybe"], "full_cuda_graph"),
     ("overwrite mistyped", ["overwrite=sure"], "overwrite"),
     ("negative seed", ["verify.seed=-1"], "verify.seed must be >= 0"),
+    ("unknown device", ["runtime.device=tpu"], "runtime.device: Invalid value 'tpu'"),
+    ("gpu device on a CPU build", ["runtime.device=gpu"], "runtime.device=gpu needs a CUDA build"),
     ("sweep without -m", ["model=tiny,dsv3"], "needs -m"),
     # verify
     ("atol not a number", ["verify.atol=abc"], "verify.atol"),

@@ -99,8 +99,8 @@ class SlotStepBatch(StepBatch):
 
     slots: list[int] = field(default_factory=list)
     num_padding: int = 0
-    #: host copies of the per-token meta fields (slot_ids, is_prefill, is_decode) and of the
-    #: max_len_tensor_cpu values ("max_len").
+    #: host copies of the per-token meta fields (TOKEN_FIELDS), of the per-sequence lengths
+    #: (SEQ_LEN_FIELDS) and of the max_len_tensor_cpu values ("max_len").
     token_fields: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

@@ -1,10 +1,10 @@
 """A tiny stand-in with DeepSeek-V3's step contract, for fast framework tests.
 
 Two layers, hidden size 16. Its attention Layer has the same two inline branch ``if``s on the
-host tensor ``forward_meta.max_len_tensor_cpu`` as :class:`models.deepseek_v3.modeling.
+host tensor ``forward_meta.max_len_tensor_cpu`` as :class:`graphopt.models.deepseek_v3.modeling.
 DeepseekV3MLAAttention`, writes a per-slot cache (the model's state) before them, and gives the
 branches *different* projections, so running the wrong branch (or skipping one) changes the
-output visibly. Forward meta and batch API are DeepSeek-V3's (:mod:`models.deepseek_v3.batch`).
+output visibly. Forward meta and batch API are DeepSeek-V3's (:mod:`graphopt.models.slots`).
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ Paddle 3.3 fails on both (``full(): argument (position 2) must be double, but go
 UndefinedVar``). The rewrite inserts, before such an ``if``, ``v = zeros(shape, dtype)`` for each
 variable ``v`` the ``if`` assigns, that is read after it, and that is undefined or ``None``
 before it. Shape and dtype come from running the model eagerly (:func:`observe`); a dimension
-that differs between two runs (the token count) becomes 1, so the ``if``'s result type has a
-dynamic dimension there; its size is read at run time from a tensor in scope whose size
-matched it in every run, so the placeholder has the shape the branch would have had.
+that differs between two runs (the token count) is read at run time, ``paddle.shape(x)[i]`` of
+a tensor in scope whose size matched it in every run, so the placeholder has the shape the
+branch would have had; when no such tensor exists the rewrite is refused.
 
 Exactness: the placeholder is only ever *read* where the original would have used the
 variable undefined (an error) or ``None``. ``v is None`` tests on a placeholder variable are
@@ -129,7 +129,12 @@ def _definitely_assigned(stmts: list[ast.stmt]) -> set[str]:
     for s in stmts:
         if isinstance(s, ast.If):
             out |= _definitely_assigned(s.body) & _definitely_assigned(s.orelse)
-        elif isinstance(s, (ast.Assign, ast.AugAssign, ast.With)) or (
+        elif isinstance(s, ast.With):  # its `as` names, and what its body binds on every path
+            for item in s.items:
+                if item.optional_vars is not None:
+                    out |= _stored(item.optional_vars)
+            out |= _definitely_assigned(s.body)
+        elif isinstance(s, (ast.Assign, ast.AugAssign)) or (
             isinstance(s, ast.AnnAssign) and s.value is not None
         ):
             out |= _stored(s)

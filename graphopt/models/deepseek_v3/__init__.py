@@ -1,8 +1,9 @@
 """DeepSeek-V3 (MLA + noaux_tc MoE), graphopt's flagship model family.
 
 ``build(cfg)`` turns the Hydra ``model`` node (``conf/model/dsv3.yaml``) into a
-:class:`models.base.ModelBundle`: config (:mod:`.config`), dygraph Layer (:mod:`.modeling`),
-weights (:mod:`.weights`), forward meta and batch builders (:mod:`.batch`).
+:class:`graphopt.models.base.ModelBundle`: config (:mod:`.config`), dygraph Layer
+(:mod:`.modeling`), weights (:mod:`.weights`); forward meta and batch builders come from
+:mod:`graphopt.models.slots`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """DeepSeek-V3 in Paddle dygraph. Its MLA attention picks the prefill and decode paths from the
 host tensor ``forward_meta.max_len_tensor_cpu``, written in one of the forms FastDeploy's own
-code has had (``model.attention_form``, see :data:`ATTENTION_FORMS`):
+code has had (``model.attention_form``, see :data:`ATTENTION_FORMS`). "The seed change" below is
+the FastDeploy pull request graphopt grew from: it made the whole DeepSeek-V3 decoder step one
+CUDA graph by hand, computing the branch flags on the host before the step and marking the
+attention for ``pd_op.if``.
 
 * ``fastdeploy_2025`` (default): ``fmha_out = None``, ``if forward_meta.max_len_tensor_cpu[1]:``
   runs prefill and assigns it, ``if forward_meta.max_len_tensor_cpu[2]:`` runs decode and

@@ -7,7 +7,8 @@ while capturing is *not* redone. A host value computed from a per-step host inpu
 capture-time value; on replay a ``pd_op.if`` reading it takes the capture-time branch. Host
 *constants* (``full_int_array`` with place cpu) are harmless to freeze.
 
-Rules (fixed point over program order; nested blocks included):
+Rules (one walk in program order, nested blocks included; loop-carried values are not fed
+back, so a ``while`` body sees its entry placements only):
 
 * seeds: ``pd_op.data`` (or ``builtin.parameter``) named in ``host_inputs`` -> HOST_RUNTIME;
   constant ops (``pd_op.full``, ``full_int_array``, ``assign_value``) on a host place (cpu or
