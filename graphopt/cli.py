@@ -406,8 +406,8 @@ class SweepFailures(Callback):
 
 def main() -> None:
     """Console-script entry point (``graphopt``; ``tools/optimize.py`` calls it too)."""
-    os.environ.setdefault("GLOG_minloglevel", "2")
-    # Paddle warns at import (no ccache, PIR place interface...): noise, not the user's problem.
+    # Paddle warns while it runs (PIR place interface, unbound locals in converted code): noise,
+    # not the user's problem. (Its import-time chatter is silenced in graphopt/__init__.py.)
     warnings.filterwarnings("ignore", category=UserWarning)
     # A model config's `_target_` names the user's own module: import it from where the user
     # runs the command, as `python -m` would.

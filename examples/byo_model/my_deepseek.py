@@ -4,7 +4,7 @@ prefill and decode), plus the glue graphopt needs: ``build()`` at the bottom.
 
 Run it from this directory:
 
-    python ../../tools/optimize.py hydra.searchpath=[file://conf] model=my_deepseek
+    python ../../tools/optimize.py 'hydra.searchpath=[file://conf]' model=my_deepseek
 """
 
 from __future__ import annotations

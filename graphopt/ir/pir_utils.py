@@ -239,7 +239,8 @@ def branch_location(op: paddle.pir.Operation, prologue: paddle.pir.Program | Non
 
 
 def program_text(program: paddle.pir.Program) -> str:
-    """Paddle's own textual form of the program, without the (huge) op_callstack attributes."""
+    """Paddle's own textual form of the program (the golden-IR format). An ``op_callstack``
+    attribute is stripped should a printer include one; Paddle 3.3's does not."""
     return strip_callstacks(str(program))
 
 

@@ -56,6 +56,8 @@ class Mode(str, enum.Enum):
 
 @dataclass
 class CaptureControlFlowOptions:
+    """Options of capture-control-flow (``pipeline.options.capture-control-flow``)."""
+
     #: auto: find the functions from SOT's break reasons; explicit: mark `targets`.
     mode: Mode = Mode.auto
     #: qualified names, e.g. graphopt.models.deepseek_v3.modeling.DeepseekV3MLAAttention.forward
@@ -101,6 +103,9 @@ class _Target:
 
 @register_pass
 class CaptureControlFlow(Pass):
+    """Source pass: mark (and where needed rewrite in memory) the model functions whose Tensor
+    ``if`` breaks the SOT graph, until the step traces as one graph (see the module doc)."""
+
     name = "capture-control-flow"
     summary = "Mark functions whose Tensor `if` breaks the SOT graph so it becomes pd_op.if."
     stage = Stage.SOURCE

@@ -33,6 +33,8 @@ FLAG = "FLAGS_cuda_graph_blacklist"
 
 @dataclass
 class BlacklistOptions:
+    """Options of cudagraph-blacklist-injection."""
+
     #: extra op names never to capture (vLLM's splitting_ops), e.g. ["pd_op.all_reduce"].
     splitting_ops: list[str] = field(default_factory=list)
     #: blacklist op names whose every instance is host-bound (placement analysis).
@@ -49,6 +51,9 @@ def merge_flag(current: str, ops: list[str]) -> str:
 
 @register_pass
 class CudaGraphBlacklistInjection(Pass):
+    """Decide which ops a CUDA graph must not capture and set Paddle's flag to match; refuse
+    ``full_cuda_graph=true`` while control flow is left in a program that runs."""
+
     name = "cudagraph-blacklist-injection"
     summary = "Blacklist control-flow, splitting and host-bound ops; set FLAGS_cuda_graph_blacklist."
     stage = Stage.PROGRAM

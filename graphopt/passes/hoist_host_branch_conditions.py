@@ -44,6 +44,8 @@ from graphopt.passes.verify import register_property_check
 
 @dataclass
 class HoistOptions:
+    """Options of hoist-host-branch-conditions."""
+
     #: prefix of the main program's new inputs fed by the prologue.
     feed_prefix: str = "hoisted"
 
@@ -55,6 +57,9 @@ class HoistOptions:
 
 @register_pass
 class HoistHostBranchConditions(Pass):
+    """Move every replay hazard's host producer chain into a host prologue run each step;
+    fails (and is rolled back) when a hazard sits inside a branch, where it cannot be moved."""
+
     name = "hoist-host-branch-conditions"
     summary = "Move host-computed values off the captured path into a host prologue fed each step."
     stage = Stage.PROGRAM

@@ -3,8 +3,8 @@
 On a terminal a phase shows a spinner with its elapsed time while it runs and leaves one line
 when it ends (``✓ trace  1.9 s``). When stdout is not a terminal (a pipe, a file, CI) nothing is
 shown: the output stays what scripts parse. Either way each finished phase is logged to the
-``graphopt`` logger (the run's ``cli.log``), and :func:`current_phase` tells an interrupt
-handler where the run was.
+``graphopt`` logger (the run's ``cli.log``), and the current progress's ``phase`` tells an
+interrupt handler where the run was.
 
 Progress is off until :func:`enable` turns it on: the command line does; tests and library
 callers of ``graphopt.driver.optimize`` see nothing.
@@ -67,7 +67,6 @@ class Progress:
         #: the phase running now, and (name, seconds) of those that finished, in order
         self.phase: str | None = None
         self._label: str | None = None
-        self.done: list[tuple[str, float]] = []
         self.t0 = time.perf_counter()
 
     def elapsed(self) -> float:
@@ -98,7 +97,6 @@ class Progress:
                 self._status.update(f"{outer_label} …")
             self.phase, self._label = outer, outer_label
             if ok:
-                self.done.append((name, dt))
                 mem = memory_mb()
                 log.info("phase %s done in %.2f s (rss %s MB, peak %s MB)", label, dt,
                          mem.get("rss", "?"), mem.get("peak_rss", "?"))

@@ -20,7 +20,6 @@ tensors out: every program runs through ``run_program`` (:mod:`graphopt.runtime.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -35,8 +34,6 @@ from graphopt.ir.segment_plan import CAPTURED, Segment, SegmentPlan
 from graphopt.models.base import StepBatch, resolve_meta_field
 from graphopt.runtime.capture import BACKENDS, CaptureManager, make_backend
 from graphopt.runtime.executor import ProgramRunner, RunnerPool, as_tensor
-
-log = logging.getLogger(__name__)
 
 #: why a step executor cannot run a ModelProgram without a plan (the runtime only executes)
 NO_PLAN = ("no segment plan: the runtime executes a plan a pass made; add piecewise-split to "

@@ -43,7 +43,7 @@ from graphopt.runtime.capture import (
     check_capture_sizes,
     make_backend,
 )
-from graphopt.runtime.executor import ProgramRunner, RunnerPool
+from graphopt.runtime.executor import RunnerPool
 from graphopt.runtime.step import StepInputs, WholeProgramStep, _Env, execute_segments
 
 #: dispatch name of the general program (the combinations no variant serves, hybrid only)
@@ -64,7 +64,6 @@ class _Target:
     program: Any
     plan: SegmentPlan | None
     manager: CaptureManager | None
-    whole: ProgramRunner | None = None
 
 
 class VariantStepExecutor:
