@@ -47,8 +47,14 @@ def test_no_progress_when_not_a_terminal():
 def test_stdout_into_a_closed_pipe_is_quiet():
     r, w = os.pipe()
     os.close(r)
-    stream = cli._Stream(os.fdopen(w, "w", buffering=1))
-    stream.write("a line\n")  # EPIPE: swallowed, the descriptor now points at /dev/null
-    stream.flush()
-    stream.write("more\n")
-    stream.flush()
+    raw = os.fdopen(w, "w", buffering=1)
+    stream = cli._Stream(raw)
+    try:
+        stream.write("a line\n")  # EPIPE: swallowed, the descriptor now points at /dev/null
+        stream.flush()
+        stream.write("more\n")
+        stream.flush()
+        # the descriptor was pointed at /dev/null, not left broken
+        assert os.path.samestat(os.fstat(raw.fileno()), os.stat(os.devnull))
+    finally:
+        raw.close()
