@@ -11,8 +11,8 @@ import pytest
 
 import graphopt.models as models
 from graphopt.errors import ConfigError
+from tests.cli_runs import run_cli as _run
 from tests.conftest import REPO
-from tests.test_cli import _run
 
 EXAMPLE = REPO / "examples" / "byo_model"
 

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
+from tests.cli_runs import run_cli as _run
 from tests.conftest import REPO, compose_cfg
 
 CONF = REPO / "graphopt" / "conf"
-
-
-def _run(*args: str, cwd=None, env_extra=None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GLOG_minloglevel": "2"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    env.update(env_extra or {})
-    return subprocess.run(
-        [sys.executable, str(REPO / "tools" / "optimize.py"), *args],
-        # no wall-clock limit: a correct run on a loaded machine must not fail (CI caps the job)
-        capture_output=True, text=True, cwd=cwd or REPO, env=env,
-    )
 
 
 @pytest.mark.parametrize(

@@ -7,14 +7,9 @@ import json
 
 import pytest
 
+from tests.cli_runs import run_cli as _run
+from tests.cli_runs import run_report as _report
 from tests.conftest import compose_cfg
-from tests.test_cli import _run
-
-
-def _report(tmp_path, *overrides):
-    r = _run(*overrides, f"hydra.run.dir={tmp_path}")
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
-    return json.loads((tmp_path / "report.json").read_text()), r.stdout
 
 
 def _check_flagship(report, layers):

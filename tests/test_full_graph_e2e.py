@@ -12,8 +12,8 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 
 from graphopt.driver import optimize
 from graphopt.models.base import BATCH_KINDS
+from tests.cli_runs import run_report as _report
 from tests.conftest import compose_cfg
-from tests.test_e2e import _report
 
 
 def _check_variants(report, tmp_path, layers):

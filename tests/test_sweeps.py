@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+from tests.cli_runs import run_cli as _run
 from tests.conftest import REPO
-from tests.test_cli import _run
 
 
 def test_parallel_sweep_two_jobs_share_one_cache_entry(tmp_path):
