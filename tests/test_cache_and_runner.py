@@ -148,14 +148,7 @@ def test_cache_hit_of_a_full_graph_run_runs_its_variants(tmp_path):
     # and serving it runs the variants, equal to eager on every kind
     step = load(tmp_path / "warm", backend="none")
     assert isinstance(step, VariantStepExecutor)
-    bundle = step.mp.model
-    rng = np.random.default_rng(5)
-    for kind in ("prefill", "decode", "mixed"):
-        batch = bundle.random_batch(rng, kind)
-        eager = bundle.step(batch, commit=False)
-        got = step.run(batch)
-        assert all(np.array_equal(g.numpy(), e) for g, e in zip(got, eager, strict=True))
-        bundle.commit_state(eager[1:])
+    _assert_every_kind_equals_eager(step)
 
 
 @pytest.mark.parametrize("damage", ["program", "checksum", "version", "json", "keys"])
@@ -200,20 +193,25 @@ def test_two_writers_of_one_key_leave_one_valid_entry(tmp_path, tiny_mp):
 
 
 # -- serving ------------------------------------------------------------------------------------
+def _assert_every_kind_equals_eager(step) -> None:
+    """A loaded step, run on a prefill, a decode and a mixed batch, is bit-equal to eager."""
+    bundle = step.mp.model
+    rng = np.random.default_rng(5)
+    for kind in ("prefill", "decode", "mixed"):
+        batch = bundle.random_batch(rng, kind)
+        eager = bundle.step(batch, commit=False)
+        got = step.run(batch)
+        assert all(np.array_equal(g.numpy(), e) for g, e in zip(got, eager, strict=True))
+        bundle.commit_state(eager[1:])
+
+
 def test_load_a_run_dir_or_a_key_without_tracing(tmp_path):
     cache_dir = tmp_path / "cache"
     report = _opt(tmp_path, "run", cache_dir)
     for source in (tmp_path / "run", report["cache"]["key"]):
         step = load(source, cache_dir=cache_dir, backend="none")
         assert step.mp.sot_step is None  # nothing traced
-        bundle = step.mp.model
-        rng = np.random.default_rng(5)
-        for kind in ("prefill", "decode", "mixed"):
-            batch = bundle.random_batch(rng, kind)
-            eager = bundle.step(batch, commit=False)
-            got = step.run(batch)
-            assert all(np.array_equal(g.numpy(), e) for g, e in zip(got, eager, strict=True))
-            bundle.commit_state(eager[1:])
+        _assert_every_kind_equals_eager(step)
     whole = load_whole(tmp_path / "run")
     assert isinstance(whole.inputs, StepInputs)
     bundle = whole.inputs.mp.model

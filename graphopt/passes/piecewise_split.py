@@ -101,7 +101,7 @@ def _check_segmented(mp: ModelProgram) -> str | None:
     plan = mp.segments
     if plan is None:
         return "the ModelProgram has no segment plan"
-    why = _coverage_problem(mp.program, plan)
+    why = _coverage_problem(plan, placement_of(mp).index)  # the analysis' cached index
     if why:
         return why
     if plan.inputs != list(data_ops(mp.program)):
@@ -109,16 +109,15 @@ def _check_segmented(mp: ModelProgram) -> str | None:
     for v in mp.variants:
         if v.segments is None:
             return f"variant {v.name} has no segment plan"
-        why = _coverage_problem(v.program, v.segments)
+        why = _coverage_problem(v.segments, ProgramIndex(v.program))
         if why:
             return f"variant {v.name}: {why}"
     return None
 
 
-def _coverage_problem(program: paddle.pir.Program, plan: SegmentPlan) -> str | None:
-    """Whether the plan's segments hold every compute op of `program` exactly once (an eager
-    ``if`` holds itself; its branches' segments hold what is inside it)."""
-    index = ProgramIndex(program)
+def _coverage_problem(plan: SegmentPlan, index: ProgramIndex) -> str | None:
+    """Whether the plan's segments hold every compute op of the indexed program exactly once
+    (an eager ``if`` holds itself; its branches' segments hold what is inside it)."""
     want = {p for p, op in index.ops.items() if op.name() not in NON_COMPUTE_OPS}
     got: list[OpPath] = []
     for seg in plan.walk():
