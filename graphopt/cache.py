@@ -336,6 +336,8 @@ def _trace_from_dict(d: dict[str, Any]) -> TraceInfo:
     return TraceInfo(subgraphs=d["subgraphs"], graph_runs=d["graph_runs"], graph_breaks=breaks,
                      compile_count=d["compile_count"], ops=d["ops"], time_s=d["time_s"],
                      wall_s=d.get("wall_s", 0.0), marked=d["marked"],
+                     placeholder_runs=d.get("placeholder_runs", 0),
+                     retraced=d.get("retraced", False),
                      host_bound_by_reference=list(d["host_bound_by_reference"]),
                      frozen_inputs=list(d.get("frozen_inputs", [])))
 

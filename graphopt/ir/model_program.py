@@ -81,6 +81,12 @@ class TraceInfo:
     ops: int = 0
     #: seconds SOT took to translate and run the step
     time_s: float = 0.0
+    #: graph runs answered with zeros instead of running the graph (``trace_step(run_graphs=
+    #: False)``): the program was built, not executed
+    placeholder_runs: int = 0
+    #: a trace without graph runs was not the whole step as one graph, so it was traced again
+    #: with real runs (this record); its wall time includes the first attempt
+    retraced: bool = False
     #: seconds of the whole trace: SOT plus reading its results and adopting its program
     wall_s: float = 0.0
     #: source patches applied to the model when this trace ran
@@ -114,6 +120,8 @@ class TraceInfo:
             "time_s": round(self.time_s, 4),
             "wall_s": round(self.wall_s, 4),
             "marked": self.marked,
+            "placeholder_runs": self.placeholder_runs,
+            "retraced": self.retraced,
             "host_bound_by_reference": list(self.host_bound_by_reference),
             "frozen_inputs": list(self.frozen_inputs),
         }

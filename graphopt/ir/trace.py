@@ -29,10 +29,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import paddle
-from paddle.jit.dy2static import convert_call_func, parameter_recorder
+from paddle.jit.dy2static import convert_call_func, parameter_recorder, program_translator
+from paddle.jit.dy2static.pir_partial_program import replace_run_impl_guard
 from paddle.jit.sot.infer_meta import InferMetaCache, LayerInferMetaCache, VariableCreator
 from paddle.jit.sot.opcode_translator.executor import executor_cache
 from paddle.jit.sot.opcode_translator.executor.executor_cache import OpcodeExecutorCache
+from paddle.jit.sot.symbolic import interpreter as sot_interpreter
 from paddle.jit.sot.symbolic.compile_cache import CompileSIRCache, FallbackWrapper
 from paddle.jit.sot.utils.envs import (
     ENV_SOT_COLLECT_INFO,
@@ -56,7 +58,7 @@ from graphopt.models.base import StepBatch, meta_tensor_fields
 @contextlib.contextmanager
 def _sot_collectors() -> Iterator[dict]:
     """Collect break reasons + compile counts, and record each compiled graph's first inputs."""
-    calls: dict = {"runs": 0}
+    calls: dict = {"runs": 0, "placeholders": 0}
     original_call = FallbackWrapper.__call__
 
     def recording_call(self, *args, **kwargs):
@@ -141,6 +143,80 @@ def _memoized_support_checks() -> Iterator[None]:
         convert_call_func.is_unsupported = original
 
 
+@contextlib.contextmanager
+def _memoized_conversions() -> Iterator[None]:
+    """Convert each marked method through dy2static's AST path once per trace, not once per call.
+
+    dy2static caches a conversion under the callable it was given, weakly; a bound method is a
+    new object at every attribute access, so the entry dies at once and every call of a marked
+    method (61 layers: 613 calls) parses, rewrites and imports the function again. The
+    conversion of a method reads only its function (code, globals, closure; the instance is
+    bound afterwards by the caller), so it is kept for the trace under that function.
+    """
+    cache = program_translator._FUNCTION_CACHE
+    original = cache.convert_with_cache
+    seen: dict[int, tuple[Any, Any]] = {}
+
+    def convert_with_cache(func: Any) -> Any:
+        if not isinstance(func, types.MethodType):
+            return original(func)
+        key = func.__func__
+        hit = seen.get(id(key))
+        if hit is not None and hit[0] is key:
+            return hit[1]
+        converted = original(func)
+        seen[id(key)] = (key, converted)
+        return converted
+
+    cache.convert_with_cache = convert_with_cache
+    try:
+        yield
+    finally:
+        del cache.convert_with_cache  # the class's method shows through again
+
+
+def _block_op_count() -> int:
+    """SOT's `opnum_in_program`, without building a list of every op of the program."""
+    return paddle.static.default_main_program().global_block().num_ops()
+
+
+@contextlib.contextmanager
+def _counted_ops() -> Iterator[None]:
+    """SOT counts the ops of the program it builds before every statement it replays; it does so
+    by listing them all, which makes building a 14k-op graph quadratic (9 s of a 61-layer
+    trace). Paddle's block knows its op count."""
+    original = sot_interpreter.opnum_in_program
+    sot_interpreter.opnum_in_program = _block_op_count
+    try:
+        yield
+    finally:
+        sot_interpreter.opnum_in_program = original
+
+
+@contextlib.contextmanager
+def _placeholder_runs(calls: dict) -> Iterator[None]:
+    """Let SOT build and call its graphs, but not run them: each run returns zeros of the
+    graph's output shapes and dtypes.
+
+    Only the program is wanted from the trace; running it once compiles an interpreter for the
+    whole step (61 layers: 19 s and the largest allocation of the run). The values a graph
+    returns matter only when Python code runs after it (a graph break), and then the caller
+    traces again with real runs (see :func:`trace_step`). A graph whose output shape is not
+    known statically is run.
+    """
+
+    def run_impl(real: Any, inputs: Any, parameters: Any, attrs: Any) -> Any:
+        values = real.__self__.program.program_attr["fo_values"]
+        shapes = [list(v.shape) for v in values]
+        if any(d < 0 for shape in shapes for d in shape):
+            return real(inputs, parameters, attrs)
+        calls["placeholders"] += 1
+        return [paddle.zeros(shape, v.dtype) for shape, v in zip(shapes, values, strict=True)]
+
+    with replace_run_impl_guard(run_impl):
+        yield
+
+
 #: every compiled SOT graph we made SOT forget; see _reset_sot_caches.
 _RETIRED_GRAPHS: list = []
 
@@ -212,14 +288,46 @@ def _collect_breaks() -> tuple[list[GraphBreak], int]:
     return breaks, len(compiled)
 
 
-def trace_step(mp: ModelProgram, batch: StepBatch) -> Any:
+def trace_step(mp: ModelProgram, batch: StepBatch, *, run_graphs: bool = True) -> Any:
     """Trace `batch` through SOT; append to ``mp.traces`` and, for a single graph, set
-    ``mp.program``. Returns the step's outputs as SOT computed them."""
+    ``mp.program``. Returns the step's outputs as SOT computed them.
+
+    With ``run_graphs=False`` the graphs are built but not run (their outputs are zeros of the
+    right shapes, see :func:`_placeholder_runs`): for a trace expected to give the step as ONE
+    graph, whose values nothing reads. If it does not (a break: Python ran on made-up values),
+    or it fails, the step is traced again with real runs, and that trace is the one recorded.
+    """
+    if run_graphs:
+        return _trace_once(mp, batch, run_graphs=True)
+    t0 = time.perf_counter()
+    traces = len(mp.traces)
+    try:
+        outs = _trace_once(mp, batch, run_graphs=False)
+        if "single-graph" in mp.properties or not mp.trace.placeholder_runs:
+            return outs
+    except Exception:
+        pass  # made-up values can fail where real ones do not; the real trace below decides
+    del mp.traces[traces:]
+    wasted = time.perf_counter() - t0
+    outs = _trace_once(mp, batch, run_graphs=True)
+    mp.trace.wall_s += wasted
+    mp.trace.retraced = True
+    return outs
+
+
+def _trace_once(mp: ModelProgram, batch: StepBatch, *, run_graphs: bool) -> Any:
     layer = mp.model.layer
     t_wall = time.perf_counter()
     _reset_sot_caches()
     t0 = time.perf_counter()
-    with _cheap_collections(), _memoized_support_checks(), _sot_collectors() as calls:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_cheap_collections())
+        stack.enter_context(_memoized_support_checks())
+        stack.enter_context(_memoized_conversions())
+        stack.enter_context(_counted_ops())
+        calls = stack.enter_context(_sot_collectors())
+        if not run_graphs:
+            stack.enter_context(_placeholder_runs(calls))
         static_fn = paddle.jit.to_static(layer.forward, full_graph=False)
         with paddle.no_grad():
             outs = static_fn(*batch.args, batch.meta)
@@ -239,6 +347,7 @@ def trace_step(mp: ModelProgram, batch: StepBatch) -> Any:
         ops=sum(op_count(w.concrete_program.main_program) for w in graphs),
         time_s=elapsed,
         marked=mp.patch_checkpoint(),
+        placeholder_runs=calls["placeholders"],
     )
     mp.traces.append(mp.trace)
     mp.trace_batch = batch

@@ -1,0 +1,143 @@
+"""Tracing without running: a marked step's graph is built, not executed, and the result is the
+same program; a step that still breaks is traced again with real runs, since Python then runs
+on the graph's values. Also the two per-trace shortcuts into dy2static/SOT internals."""
+
+from __future__ import annotations
+
+import re
+import types
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+from paddle.jit import marker
+from paddle.jit.dy2static import program_translator
+
+from graphopt.ir.model_program import ModelProgram
+from graphopt.ir.trace import _block_op_count, trace_step
+from graphopt.models.base import ModelBundle, StepBatch
+
+
+@dataclass
+class Meta:
+    scale: paddle.Tensor
+
+
+class Branchy(paddle.nn.Layer):
+    """Two identical blocks, each with a Tensor `if` whose branch decides the result."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = paddle.nn.LayerList([Block(), Block()])
+
+    def forward(self, x, meta):
+        for b in self.blocks:
+            x = b(x) * meta.scale
+        return (x,)
+
+
+class Block(paddle.nn.Layer):
+    def __init__(self):
+        super().__init__()
+        self.l = paddle.nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.l(x)
+        if y.sum() > 0:  # a data-dependent branch: breaks the graph unless marked
+            return y * 2.0
+        return y - 100.0
+
+
+def _step(layer):
+    paddle.seed(0)
+    meta = Meta(scale=paddle.to_tensor([1.5]))
+    batch = StepBatch("prefill", (paddle.rand([2, 4]),), meta, [2], [0])
+    return ModelProgram(model=ModelBundle("branchy", layer, meta, (), (), None, None, None,
+                                          None)), batch
+
+
+def _trace(layer, run_graphs):
+    mp, batch = _step(layer)
+    with paddle.no_grad():
+        outs = trace_step(mp, batch, run_graphs=run_graphs)
+        want = layer(*batch.args, batch.meta)[0].numpy()
+    return mp, outs, want
+
+
+def _text(program) -> str:
+    """The program's text without the layer-call names, numbered anew by each trace."""
+    return re.sub(r',?struct_name:"[^"]*"', "", str(program))
+
+
+def _marked():
+    layer = Branchy()
+    f = _ORIGINAL_FORWARD  # a copy is marked: the marker flags the function object itself
+    Block.forward = marker.capture_control_flow(
+        types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__, f.__closure__))
+    return layer
+
+
+_ORIGINAL_FORWARD = Block.forward
+
+
+def teardown_function():
+    Block.forward = _ORIGINAL_FORWARD
+
+
+def test_a_marked_step_is_built_not_run_and_is_the_same_program():
+    layer = _marked()
+    real, real_outs, want = _trace(layer, run_graphs=True)
+    built, built_outs, _ = _trace(layer, run_graphs=False)
+    assert "single-graph" in built.properties
+    assert (real.trace.placeholder_runs, built.trace.placeholder_runs) == (0, 1)
+    assert not built.trace.retraced and len(built.traces) == 1
+    assert _text(built.program) == _text(real.program)
+    assert real.trace.ops == built.trace.ops
+    np.testing.assert_allclose(real_outs[0].numpy(), want, rtol=1e-6)
+    # what came back was never computed: zeros of the output's shape
+    assert built_outs[0].shape == real_outs[0].shape
+    assert not built_outs[0].numpy().any()
+
+
+def test_a_step_that_still_breaks_is_traced_again_with_real_runs():
+    layer = Branchy()
+    mp, outs, want = _trace(layer, run_graphs=False)
+    assert mp.trace.graph_breaks and "single-graph" not in mp.properties
+    # one record, the real trace's; its time includes the attempt that was thrown away
+    assert len(mp.traces) == 1 and mp.trace.retraced
+    assert mp.trace.placeholder_runs == 0 and mp.trace.wall_s >= mp.trace.time_s
+    # Python ran on real values after each break: the branches the data chose, as eager
+    np.testing.assert_allclose(outs[0].numpy(), want, rtol=1e-6)
+    real, _, _ = _trace(layer, run_graphs=True)
+    assert len(real.trace.graph_breaks) == len(mp.trace.graph_breaks)
+    assert real.trace.subgraphs == mp.trace.subgraphs
+
+
+def test_a_marked_method_is_converted_once_per_trace_not_once_per_call(monkeypatch):
+    converted = []
+    original = program_translator.FunctionCache._convert
+
+    def counting(self, func):
+        converted.append(getattr(func, "__func__", func))
+        return original(self, func)
+
+    monkeypatch.setattr(program_translator.FunctionCache, "_convert", counting)
+    mp, _, _ = _trace(_marked(), run_graphs=False)
+    assert "single-graph" in mp.properties
+    # two blocks call the marked forward: dy2static alone converts it once per call
+    assert sum(f is Block.forward for f in converted) == 1
+    # the shortcut is gone after the trace
+    assert "convert_with_cache" not in vars(program_translator._FUNCTION_CACHE)
+
+
+def test_the_op_count_sot_asks_for_is_the_block_length():
+    paddle.enable_static()
+    try:
+        main = paddle.static.Program()
+        with paddle.static.program_guard(main):
+            x = paddle.static.data("x", [2, 2])
+            for _ in range(5):
+                x = x + 1
+            assert _block_op_count() == len(main.global_block().ops) > 5
+    finally:
+        paddle.disable_static()
