@@ -56,10 +56,10 @@ def _step(layer):
                                           None)), batch
 
 
-def _trace(layer, run_graphs):
+def _trace(layer, expect_one_graph):
     mp, batch = _step(layer)
     with paddle.no_grad():
-        outs = trace_step(mp, batch, run_graphs=run_graphs)
+        outs = trace_step(mp, batch, expect_one_graph=expect_one_graph)
         want = layer(*batch.args, batch.meta)[0].numpy()
     return mp, outs, want
 
@@ -86,8 +86,8 @@ def teardown_function():
 
 def test_a_marked_step_is_built_not_run_and_is_the_same_program():
     layer = _marked()
-    real, real_outs, want = _trace(layer, run_graphs=True)
-    built, built_outs, _ = _trace(layer, run_graphs=False)
+    real, real_outs, want = _trace(layer, expect_one_graph=False)
+    built, built_outs, _ = _trace(layer, expect_one_graph=True)
     assert "single-graph" in built.properties
     assert (real.trace.placeholder_runs, built.trace.placeholder_runs) == (0, 1)
     assert not built.trace.retraced and len(built.traces) == 1
@@ -101,14 +101,14 @@ def test_a_marked_step_is_built_not_run_and_is_the_same_program():
 
 def test_a_step_that_still_breaks_is_traced_again_with_real_runs():
     layer = Branchy()
-    mp, outs, want = _trace(layer, run_graphs=False)
+    mp, outs, want = _trace(layer, expect_one_graph=True)
     assert mp.trace.graph_breaks and "single-graph" not in mp.properties
     # one record, the real trace's; its time includes the attempt that was thrown away
     assert len(mp.traces) == 1 and mp.trace.retraced
     assert mp.trace.placeholder_runs == 0 and mp.trace.wall_s >= mp.trace.time_s
     # Python ran on real values after each break: the branches the data chose, as eager
     np.testing.assert_allclose(outs[0].numpy(), want, rtol=1e-6)
-    real, _, _ = _trace(layer, run_graphs=True)
+    real, _, _ = _trace(layer, expect_one_graph=False)
     assert len(real.trace.graph_breaks) == len(mp.trace.graph_breaks)
     assert real.trace.subgraphs == mp.trace.subgraphs
 
@@ -122,7 +122,7 @@ def test_a_marked_method_is_converted_once_per_trace_not_once_per_call(monkeypat
         return original(self, func)
 
     monkeypatch.setattr(program_translator.FunctionCache, "_convert", counting)
-    mp, _, _ = _trace(_marked(), run_graphs=False)
+    mp, _, _ = _trace(_marked(), expect_one_graph=True)
     assert "single-graph" in mp.properties
     # two blocks call the marked forward: dy2static alone converts it once per call
     assert sum(f is Block.forward for f in converted) == 1

@@ -34,6 +34,7 @@ from paddle.jit.dy2static.pir_partial_program import replace_run_impl_guard
 from paddle.jit.sot.infer_meta import InferMetaCache, LayerInferMetaCache, VariableCreator
 from paddle.jit.sot.opcode_translator.executor import executor_cache
 from paddle.jit.sot.opcode_translator.executor.executor_cache import OpcodeExecutorCache
+from paddle.jit.sot.opcode_translator.executor.function_graph import FunctionGraph
 from paddle.jit.sot.symbolic import interpreter as sot_interpreter
 from paddle.jit.sot.symbolic.compile_cache import CompileSIRCache, FallbackWrapper
 from paddle.jit.sot.utils.envs import (
@@ -217,6 +218,43 @@ def _placeholder_runs(calls: dict) -> Iterator[None]:
         yield
 
 
+#: what FunctionGraph.save_memo returns inside _no_snapshots
+_NO_SNAPSHOT = object()
+
+
+class _SnapshotNeeded(Exception):
+    """An inlined call broke during a trace that took no state snapshots."""
+
+
+@contextlib.contextmanager
+def _no_snapshots(calls: dict) -> Iterator[None]:
+    """SOT snapshots its whole graph state (the statement list, deep-copied; guards; side effects)
+    before every inlined call, to roll back if the call breaks the graph. The state grows with
+    the step, so on a 61-layer step the snapshots are quadratic: a third of the trace.
+
+    A rollback only ever precedes a graph break or a fallback, and a trace that expects the step
+    as ONE graph is thrown away and redone normally when either happens (:func:`trace_step`).
+    So here no snapshot is taken, and a rollback stops the trace instead.
+    """
+    save, restore = FunctionGraph.save_memo, FunctionGraph.restore_memo
+
+    def save_memo(self: FunctionGraph) -> Any:
+        return _NO_SNAPSHOT
+
+    def restore_memo(self: FunctionGraph, memo: Any) -> None:
+        if memo is not _NO_SNAPSHOT:
+            restore(self, memo)
+            return
+        calls["snapshot_needed"] = True  # in case SOT turns the error into a fallback
+        raise _SnapshotNeeded("an inlined call broke the graph; no snapshot to roll back to")
+
+    FunctionGraph.save_memo, FunctionGraph.restore_memo = save_memo, restore_memo
+    try:
+        yield
+    finally:
+        FunctionGraph.save_memo, FunctionGraph.restore_memo = save, restore
+
+
 #: every compiled SOT graph we made SOT forget; see _reset_sot_caches.
 _RETIRED_GRAPHS: list = []
 
@@ -288,34 +326,36 @@ def _collect_breaks() -> tuple[list[GraphBreak], int]:
     return breaks, len(compiled)
 
 
-def trace_step(mp: ModelProgram, batch: StepBatch, *, run_graphs: bool = True) -> Any:
+def trace_step(mp: ModelProgram, batch: StepBatch, *, expect_one_graph: bool = False) -> Any:
     """Trace `batch` through SOT; append to ``mp.traces`` and, for a single graph, set
     ``mp.program``. Returns the step's outputs as SOT computed them.
 
-    With ``run_graphs=False`` the graphs are built but not run (their outputs are zeros of the
-    right shapes, see :func:`_placeholder_runs`): for a trace expected to give the step as ONE
-    graph, whose values nothing reads. If it does not (a break: Python ran on made-up values),
-    or it fails, the step is traced again with real runs, and that trace is the one recorded.
+    ``expect_one_graph``: the step is marked to become ONE graph, and only that graph's program
+    is wanted. SOT then builds it without running it (its outputs are zeros of the right
+    shapes, see :func:`_placeholder_runs`) and without its rollback snapshots
+    (:func:`_no_snapshots`). If the step is not one graph after all (Python ran on made-up
+    values after a break), or the trace fails, the step is traced again the normal way, and
+    that trace is the one recorded.
     """
-    if run_graphs:
-        return _trace_once(mp, batch, run_graphs=True)
+    if not expect_one_graph:
+        return _trace_once(mp, batch, optimistic=False)
     t0 = time.perf_counter()
     traces = len(mp.traces)
     try:
-        outs = _trace_once(mp, batch, run_graphs=False)
-        if "single-graph" in mp.properties or not mp.trace.placeholder_runs:
+        outs = _trace_once(mp, batch, optimistic=True)
+        if "single-graph" in mp.properties:
             return outs
     except Exception:
-        pass  # made-up values can fail where real ones do not; the real trace below decides
+        pass  # made-up values can fail where real ones do not; the normal trace below decides
     del mp.traces[traces:]
     wasted = time.perf_counter() - t0
-    outs = _trace_once(mp, batch, run_graphs=True)
+    outs = _trace_once(mp, batch, optimistic=False)
     mp.trace.wall_s += wasted
     mp.trace.retraced = True
     return outs
 
 
-def _trace_once(mp: ModelProgram, batch: StepBatch, *, run_graphs: bool) -> Any:
+def _trace_once(mp: ModelProgram, batch: StepBatch, *, optimistic: bool) -> Any:
     layer = mp.model.layer
     t_wall = time.perf_counter()
     _reset_sot_caches()
@@ -326,12 +366,15 @@ def _trace_once(mp: ModelProgram, batch: StepBatch, *, run_graphs: bool) -> Any:
         stack.enter_context(_memoized_conversions())
         stack.enter_context(_counted_ops())
         calls = stack.enter_context(_sot_collectors())
-        if not run_graphs:
+        if optimistic:
             stack.enter_context(_placeholder_runs(calls))
+            stack.enter_context(_no_snapshots(calls))
         static_fn = paddle.jit.to_static(layer.forward, full_graph=False)
         with paddle.no_grad():
             outs = static_fn(*batch.args, batch.meta)
     elapsed = time.perf_counter() - t0
+    if calls.get("snapshot_needed"):
+        raise TraceError("the step broke during a trace without snapshots")
     # SOT ran its graph(s) once; their interpreters are not needed for what follows (the step's
     # program is copied next) and are the largest thing the trace leaves behind: free them
     # before the copy, so the two are never in memory together

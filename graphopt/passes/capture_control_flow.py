@@ -129,7 +129,7 @@ class CaptureControlFlow(Pass):
             for t in targets:
                 self._check_markable(mp, t)
             self._mark(mp, targets)
-            trace_step(mp, batch, run_graphs=False)
+            trace_step(mp, batch, expect_one_graph=True)
             rounds = 1
         else:
             trace_step(mp, batch)
@@ -141,7 +141,7 @@ class CaptureControlFlow(Pass):
                 rounds += 1
                 self._mark(mp, targets)
                 # marked to become one graph: build it, there is no need to run it
-                trace_step(mp, batch, run_graphs=False)
+                trace_step(mp, batch, expect_one_graph=True)
                 # A marked function Paddle cannot convert breaks the graph at its call site;
                 # say why now rather than mark its callers next round.
                 for t in targets if mp.trace.graph_breaks else ():
