@@ -16,6 +16,8 @@ def _check_flagship(report, layers):
     assert report["model"] == "dsv3" and report["full_cuda_graph"] is False
     assert report["graph_breaks"]["before"] > 0 and report["graph_breaks"]["after"] == 0
     assert report["trace"]["graph_breaks"] == 0 and report["trace"]["subgraphs"] == 1
+    # the marked step was built as one graph, not run, and not traced twice
+    assert report["trace"]["placeholder_runs"] == 1 and report["trace"]["retraced"] is False
     assert report["hazards"]["before"] > 0 and report["hazards"]["after"] == 0
     assert report["blacklist"] == ["pd_op.if"]
     assert report["flags"]["FLAGS_cuda_graph_blacklist"].split(",").count("pd_op.if") == 1
@@ -93,9 +95,9 @@ def test_dsv3_16_layers(tmp_path):
     assert all(v <= 1e-5 for v in report["numerics"].values())
 
 
-@pytest.mark.heavy
+@pytest.mark.slow
 def test_dsv3_61_layers(tmp_path):
-    """The full depth. Heavy: SOT's trace of the marked 14k-op step peaks at ~4.1 GiB."""
+    """The full depth (about 100 s and 2.9 GB in its own process)."""
     report, _ = _report(tmp_path, "model=dsv3", "model.num_hidden_layers=61")
     _check_flagship(report, layers=61)
     assert all(v <= 1e-5 for v in report["numerics"].values())
