@@ -198,7 +198,7 @@ def build_and_optimize(
         # a source pass leaves its last trace behind; trace again only if the code changed since
         if not mp.traces or mp.trace.marked != mp.patch_checkpoint():
             with phase("trace", "(SOT -> PIR)"):
-                trace_step(mp, mp.trace_batch, expect_one_graph=True)
+                trace_step(mp, mp.trace_batch)
         if mp.program is None and any(p.stage is Stage.PROGRAM for p in pm.passes):
             sites = "; ".join(b["location"] for b in mp.trace.break_sites()[:3])
             raise ConfigError(

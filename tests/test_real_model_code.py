@@ -42,10 +42,9 @@ def test_fastdeploy_shapes_through_the_flagship_pipeline(form, tmp_path):
     originals = {name: cls.forward for name, cls in fm.FORMS.items()}
     report = optimize(_cfg(form), run_dir=tmp_path)
     assert report["graph_breaks"]["after"] == 0 and report["trace"]["subgraphs"] == 1
-    # marked code is built as one graph without running it, at the first attempt (the seed's
-    # code is one graph unmarked: its only trace is the normal one)
-    assert report["trace"]["placeholder_runs"] == (form != "seed")
-    assert report["trace"]["retraced"] is False
+    # the step is built as one graph without running it, at the first attempt (the seed's code
+    # is one graph unmarked: its only trace)
+    assert report["trace"]["placeholder_runs"] == 1 and report["trace"]["retraced"] is False
     assert report["hazards"]["after"] == 0
     assert report["replay"]["steps"] >= 20 and report["replay"]["mismatches"] == 0
     assert all(v <= 1e-5 for v in report["numerics"].values()), report["numerics"]

@@ -1,6 +1,6 @@
 """Tracing without running: a marked step's graph is built, not executed, and the result is the
 same program; a step that still breaks is traced again with real runs, since Python then runs
-on the graph's values. Also the two per-trace shortcuts into dy2static/SOT internals."""
+on the graph's values. Also the per-trace shortcuts into dy2static/SOT internals."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import paddle
+import pytest
 from paddle.jit import marker
 from paddle.jit.dy2static import program_translator
 
+from graphopt.ir import trace
 from graphopt.ir.model_program import ModelProgram
 from graphopt.ir.trace import _block_op_count, trace_step
 from graphopt.models.base import ModelBundle, StepBatch
@@ -56,10 +58,10 @@ def _step(layer):
                                           None)), batch
 
 
-def _trace(layer, expect_one_graph):
+def _trace(layer, optimistic):
     mp, batch = _step(layer)
     with paddle.no_grad():
-        outs = trace_step(mp, batch, expect_one_graph=expect_one_graph)
+        outs = trace_step(mp, batch, optimistic=optimistic)
         want = layer(*batch.args, batch.meta)[0].numpy()
     return mp, outs, want
 
@@ -86,8 +88,8 @@ def teardown_function():
 
 def test_a_marked_step_is_built_not_run_and_is_the_same_program():
     layer = _marked()
-    real, real_outs, want = _trace(layer, expect_one_graph=False)
-    built, built_outs, _ = _trace(layer, expect_one_graph=True)
+    real, real_outs, want = _trace(layer, optimistic=False)
+    built, built_outs, _ = _trace(layer, optimistic=True)
     assert "single-graph" in built.properties
     assert (real.trace.placeholder_runs, built.trace.placeholder_runs) == (0, 1)
     assert not built.trace.retraced and len(built.traces) == 1
@@ -101,16 +103,61 @@ def test_a_marked_step_is_built_not_run_and_is_the_same_program():
 
 def test_a_step_that_still_breaks_is_traced_again_with_real_runs():
     layer = Branchy()
-    mp, outs, want = _trace(layer, expect_one_graph=True)
+    mp, outs, want = _trace(layer, optimistic=True)
     assert mp.trace.graph_breaks and "single-graph" not in mp.properties
     # one record, the real trace's; its time includes the attempt that was thrown away
     assert len(mp.traces) == 1 and mp.trace.retraced
     assert mp.trace.placeholder_runs == 0 and mp.trace.wall_s >= mp.trace.time_s
     # Python ran on real values after each break: the branches the data chose, as eager
     np.testing.assert_allclose(outs[0].numpy(), want, rtol=1e-6)
-    real, _, _ = _trace(layer, expect_one_graph=False)
+    real, _, _ = _trace(layer, optimistic=False)
     assert len(real.trace.graph_breaks) == len(mp.trace.graph_breaks)
     assert real.trace.subgraphs == mp.trace.subgraphs
+
+
+class TopLevelBranch(paddle.nn.Layer):
+    """A Tensor `if` in the traced function itself: SOT splits the step there, no inlined call
+    breaks, so the optimistic attempt notices only when a second graph runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = paddle.nn.Linear(4, 4)
+        self.b = paddle.nn.Linear(4, 4)
+
+    def forward(self, x, meta):
+        y = self.a(x)
+        if y.sum() > 0:
+            y = y * 2.0
+        return (self.b(y) * meta.scale,)
+
+
+@pytest.mark.parametrize("layer, stopped_by", [(Branchy, "_SnapshotNeeded"),
+                                               (TopLevelBranch, "_NotOneGraph")])
+def test_the_optimistic_attempt_stops_at_the_first_sign_of_a_break(layer, stopped_by,
+                                                                    monkeypatch):
+    attempts = []
+    original = trace._trace_once
+
+    def recording(mp, batch, *, optimistic):
+        try:
+            return original(mp, batch, optimistic=optimistic)
+        except Exception as e:
+            chain = []  # SOT wraps what it did not raise itself
+            while e is not None:
+                chain.append(type(e).__name__)
+                e = e.__cause__ or e.__context__
+            attempts.append((optimistic, chain))
+            raise
+        finally:
+            attempts.append((optimistic, "ran"))
+
+    monkeypatch.setattr(trace, "_trace_once", recording)
+    mp, outs, want = _trace(layer(), optimistic=True)
+    # the attempt raised where the break showed; the normal trace then ran to the end
+    assert attempts[0][0] is True and stopped_by in attempts[0][1]
+    assert attempts[-1] == (False, "ran")
+    assert mp.trace.retraced and mp.trace.graph_breaks
+    np.testing.assert_allclose(outs[0].numpy(), want, rtol=1e-6)
 
 
 def test_a_marked_method_is_converted_once_per_trace_not_once_per_call(monkeypatch):
@@ -122,7 +169,7 @@ def test_a_marked_method_is_converted_once_per_trace_not_once_per_call(monkeypat
         return original(self, func)
 
     monkeypatch.setattr(program_translator.FunctionCache, "_convert", counting)
-    mp, _, _ = _trace(_marked(), expect_one_graph=True)
+    mp, _, _ = _trace(_marked(), optimistic=True)
     assert "single-graph" in mp.properties
     # two blocks call the marked forward: dy2static alone converts it once per call
     assert sum(f is Block.forward for f in converted) == 1

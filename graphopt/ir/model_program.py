@@ -81,11 +81,11 @@ class TraceInfo:
     ops: int = 0
     #: seconds SOT took to translate and run the step
     time_s: float = 0.0
-    #: graph runs answered with zeros instead of running the graph (``trace_step(
-    #: expect_one_graph=True)``): the program was built, not executed
+    #: graph runs answered with zeros instead of running the graph (an optimistic
+    #: ``trace_step``): the program was built, not executed
     placeholder_runs: int = 0
-    #: a trace that expected one graph did not get it, so the step was traced again the normal
-    #: way (this record); its wall time includes the first attempt
+    #: the optimistic attempt did not give the step as one graph (or failed), so the step was
+    #: traced again the normal way (this record); its wall time includes the attempt
     retraced: bool = False
     #: seconds of the whole trace: SOT plus reading its results and adopting its program
     wall_s: float = 0.0

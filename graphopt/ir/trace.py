@@ -63,6 +63,10 @@ def _sot_collectors() -> Iterator[dict]:
     original_call = FallbackWrapper.__call__
 
     def recording_call(self, *args, **kwargs):
+        if calls.get("one_graph") and calls["runs"]:
+            # a second graph run: the step is not one graph, and Python between the two ran on
+            # made-up values; stop here (trace_step traces again the normal way)
+            raise _NotOneGraph("the step ran a second graph")
         calls["runs"] += 1
         if id(self) not in calls and args and isinstance(args[0], tuple):
             calls[id(self)] = args[0]
@@ -218,6 +222,10 @@ def _placeholder_runs(calls: dict) -> Iterator[None]:
         yield
 
 
+class _NotOneGraph(Exception):
+    """A trace that expected the step as one graph ran a second graph."""
+
+
 #: what FunctionGraph.save_memo returns inside _no_snapshots
 _NO_SNAPSHOT = object()
 
@@ -326,18 +334,18 @@ def _collect_breaks() -> tuple[list[GraphBreak], int]:
     return breaks, len(compiled)
 
 
-def trace_step(mp: ModelProgram, batch: StepBatch, *, expect_one_graph: bool = False) -> Any:
+def trace_step(mp: ModelProgram, batch: StepBatch, *, optimistic: bool = True) -> Any:
     """Trace `batch` through SOT; append to ``mp.traces`` and, for a single graph, set
     ``mp.program``. Returns the step's outputs as SOT computed them.
 
-    ``expect_one_graph``: the step is marked to become ONE graph, and only that graph's program
-    is wanted. SOT then builds it without running it (its outputs are zeros of the right
+    ``optimistic`` (the default): first try the step as ONE graph, the only case whose program
+    is adopted. SOT then builds the graph without running it (its outputs are zeros of the right
     shapes, see :func:`_placeholder_runs`) and without its rollback snapshots
-    (:func:`_no_snapshots`). If the step is not one graph after all (Python ran on made-up
-    values after a break), or the trace fails, the step is traced again the normal way, and
-    that trace is the one recorded.
+    (:func:`_no_snapshots`). At the first sign that the step is not one graph (a rollback, a
+    second graph run) or if the attempt fails, the step is traced again the normal way, and that
+    trace is the one recorded (``retraced``; its wall time includes the attempt).
     """
-    if not expect_one_graph:
+    if not optimistic:
         return _trace_once(mp, batch, optimistic=False)
     t0 = time.perf_counter()
     traces = len(mp.traces)
@@ -367,6 +375,7 @@ def _trace_once(mp: ModelProgram, batch: StepBatch, *, optimistic: bool) -> Any:
         stack.enter_context(_counted_ops())
         calls = stack.enter_context(_sot_collectors())
         if optimistic:
+            calls["one_graph"] = True
             stack.enter_context(_placeholder_runs(calls))
             stack.enter_context(_no_snapshots(calls))
         static_fn = paddle.jit.to_static(layer.forward, full_graph=False)

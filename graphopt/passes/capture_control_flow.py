@@ -129,7 +129,7 @@ class CaptureControlFlow(Pass):
             for t in targets:
                 self._check_markable(mp, t)
             self._mark(mp, targets)
-            trace_step(mp, batch, expect_one_graph=True)
+            trace_step(mp, batch)
             rounds = 1
         else:
             trace_step(mp, batch)
@@ -140,8 +140,7 @@ class CaptureControlFlow(Pass):
                     break
                 rounds += 1
                 self._mark(mp, targets)
-                # marked to become one graph: build it, there is no need to run it
-                trace_step(mp, batch, expect_one_graph=True)
+                trace_step(mp, batch)
                 # A marked function Paddle cannot convert breaks the graph at its call site;
                 # say why now rather than mark its callers next round.
                 for t in targets if mp.trace.graph_breaks else ():
