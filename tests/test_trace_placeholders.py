@@ -160,6 +160,58 @@ def test_the_optimistic_attempt_stops_at_the_first_sign_of_a_break(layer, stoppe
     np.testing.assert_allclose(outs[0].numpy(), want, rtol=1e-6)
 
 
+class LazyCache(paddle.nn.Layer):
+    """Builds a table on its first call and keeps it: the graph's output is stored on the layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = paddle.nn.Linear(4, 4)
+        self.table = None
+
+    def forward(self, x, meta):
+        if self.table is None:
+            self.table = self.l.weight * 3.0
+        return (paddle.matmul(x, self.table) * meta.scale,)
+
+
+class WritesMeta(paddle.nn.Layer):
+    """Writes its result into a tensor of the forward meta, in place (a cache write)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = paddle.nn.Linear(4, 4)
+
+    def forward(self, x, meta):
+        y = self.l(x)
+        paddle.assign(y.sum(axis=0, keepdim=True)[0, :1], output=meta.scale)
+        return (y,)
+
+
+def test_a_graph_whose_output_is_stored_on_the_model_is_run_for_real():
+    """Zeros must never be stored where the model keeps them: a lazily built table would stay
+    zeros, and eager and the optimized step would agree on the wrong answer."""
+    layer = LazyCache()
+    mp, batch = _step(layer)
+    with paddle.no_grad():
+        trace_step(mp, batch)
+    assert mp.trace.retraced and mp.trace.placeholder_runs == 0
+    np.testing.assert_allclose(layer.table.numpy(), layer.l.weight.numpy() * 3.0)
+
+
+def test_an_in_place_write_in_the_graph_is_built_not_done():
+    """An in-place write into a tensor the step was given is part of the program (run_program
+    writes through the input's memory); a graph that is built, not run, leaves the input as it
+    was rather than writing zeros into it."""
+    layer = WritesMeta()
+    mp, batch = _step(layer)
+    before = batch.meta.scale.numpy().copy()
+    with paddle.no_grad():
+        trace_step(mp, batch)
+    assert not mp.trace.retraced and mp.trace.placeholder_runs == 1
+    np.testing.assert_array_equal(batch.meta.scale.numpy(), before)
+    assert "assign_out_" in str(mp.program)
+
+
 def test_a_marked_method_is_converted_once_per_trace_not_once_per_call(monkeypatch):
     converted = []
     original = program_translator.FunctionCache._convert

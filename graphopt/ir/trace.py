@@ -35,6 +35,7 @@ from paddle.jit.sot.infer_meta import InferMetaCache, LayerInferMetaCache, Varia
 from paddle.jit.sot.opcode_translator.executor import executor_cache
 from paddle.jit.sot.opcode_translator.executor.executor_cache import OpcodeExecutorCache
 from paddle.jit.sot.opcode_translator.executor.function_graph import FunctionGraph
+from paddle.jit.sot.opcode_translator.executor.variables import GlobalVariable
 from paddle.jit.sot.symbolic import interpreter as sot_interpreter
 from paddle.jit.sot.symbolic.compile_cache import CompileSIRCache, FallbackWrapper
 from paddle.jit.sot.utils.envs import (
@@ -223,7 +224,46 @@ def _placeholder_runs(calls: dict) -> Iterator[None]:
 
 
 class _NotOneGraph(Exception):
-    """A trace that expected the step as one graph ran a second graph."""
+    """A trace that expected the step as one graph ran a second graph, or would write what its
+    graph computes into objects that outlive the trace."""
+
+
+def _writes_outside(graph: FunctionGraph) -> str | None:
+    """What, besides returning them, the code SOT generates would do with the graph's outputs:
+    write them into a tensor the step was given (in place), or into an attribute, list, dict or
+    global that outlives the step. With placeholder runs that would store zeros there (a lazily
+    built cache would stay zeros), so such a step is traced normally."""
+    for var in graph._inplace_tensors:
+        if var.tracker.is_traceable():
+            return f"an in-place write to {var.tracker}"
+    for var in graph.side_effects.proxy_variables:
+        if not (var.tracker.is_traceable() or isinstance(var, GlobalVariable)):
+            continue  # made inside the step: SOT writes nothing back
+        # lists, dicts and globals record their changes in `proxy`, other objects (a Layer's
+        # attributes) in `attr_proxy`: what SOT's restore_side_effects reads
+        proxy = getattr(var, "proxy", None) or var.attr_proxy
+        if proxy.has_changed:
+            return f"a change to {var.tracker}"
+    return None
+
+
+@contextlib.contextmanager
+def _graphs_without_side_effects() -> Iterator[None]:
+    """Stop the trace before SOT generates the code that calls a graph, if that code would also
+    write the graph's outputs anywhere but the step's result (see :func:`_writes_outside`)."""
+    original = FunctionGraph.compile_function
+
+    def compile_function(self: FunctionGraph, *args: Any, **kwargs: Any) -> Any:
+        write = _writes_outside(self)
+        if write is not None:
+            raise _NotOneGraph(f"the step's graph has a side effect: {write}")
+        return original(self, *args, **kwargs)
+
+    FunctionGraph.compile_function = compile_function
+    try:
+        yield
+    finally:
+        FunctionGraph.compile_function = original
 
 
 #: what FunctionGraph.save_memo returns inside _no_snapshots
@@ -342,8 +382,10 @@ def trace_step(mp: ModelProgram, batch: StepBatch, *, optimistic: bool = True) -
     is adopted. SOT then builds the graph without running it (its outputs are zeros of the right
     shapes, see :func:`_placeholder_runs`) and without its rollback snapshots
     (:func:`_no_snapshots`). At the first sign that the step is not one graph (a rollback, a
-    second graph run) or if the attempt fails, the step is traced again the normal way, and that
-    trace is the one recorded (``retraced``; its wall time includes the attempt).
+    second graph run), if the code SOT generates would store the graph's outputs anywhere but
+    the step's result (:func:`_writes_outside`), or if the attempt fails, the step is traced
+    again the normal way, and that trace is the one recorded (``retraced``; its wall time
+    includes the attempt).
     """
     if not optimistic:
         return _trace_once(mp, batch, optimistic=False)
@@ -378,6 +420,7 @@ def _trace_once(mp: ModelProgram, batch: StepBatch, *, optimistic: bool) -> Any:
             calls["one_graph"] = True
             stack.enter_context(_placeholder_runs(calls))
             stack.enter_context(_no_snapshots(calls))
+            stack.enter_context(_graphs_without_side_effects())
         static_fn = paddle.jit.to_static(layer.forward, full_graph=False)
         with paddle.no_grad():
             outs = static_fn(*batch.args, batch.meta)
