@@ -79,7 +79,7 @@ class TraceInfo:
     graph_breaks: list[GraphBreak] = field(default_factory=list)
     compile_count: int = 0
     ops: int = 0
-    #: seconds SOT took to translate and run the step
+    #: seconds SOT took to translate the step and run it (build it, with placeholder runs)
     time_s: float = 0.0
     #: graph runs answered with zeros instead of running the graph (an optimistic
     #: ``trace_step``): the program was built, not executed
