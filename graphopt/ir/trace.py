@@ -17,6 +17,10 @@ When the step is ONE graph, its program is normalised so the runtime owns every 
 
 The data-op -> tensor mapping is exact: SOT calls each compiled graph with the flat tuple of its
 input tensors in ``concrete_program.inputs`` order, and we record that call.
+
+Only the program is wanted, not the step's values: each trace is first tried optimistically,
+building the one graph without running it and without SOT's rollback snapshots, and made again
+the normal way at the first sign that the step is not one graph (:func:`trace_step`).
 """
 
 from __future__ import annotations
