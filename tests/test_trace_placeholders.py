@@ -4,7 +4,9 @@ on the graph's values. Also the per-trace shortcuts into dy2static/SOT internals
 
 from __future__ import annotations
 
+import contextlib
 import re
+import traceback
 import types
 from dataclasses import dataclass
 
@@ -80,6 +82,7 @@ def _marked():
 
 
 _ORIGINAL_FORWARD = Block.forward
+_EXTRACT_STACK = traceback.extract_stack
 
 
 def teardown_function():
@@ -227,6 +230,34 @@ def test_a_marked_method_is_converted_once_per_trace_not_once_per_call(monkeypat
     assert sum(f is Block.forward for f in converted) == 1
     # the shortcut is gone after the trace
     assert "convert_with_cache" not in vars(program_translator._FUNCTION_CACHE)
+
+
+def _callstacks(program):
+    out = []
+
+    def walk(block):
+        for op in block.ops:
+            out.append((op.name(), tuple(op.attrs().get("op_callstack") or ())))
+            for b in op.blocks():
+                walk(b)
+
+    walk(program.global_block())
+    return out
+
+
+def test_remembered_stack_frames_give_paddle_the_same_op_callstacks(monkeypatch):
+    layer = _marked()
+    traced = []
+    for remembered in (True, False):  # one call site: the test's own frames are the same
+        if not remembered:
+            monkeypatch.setattr(trace, "_remembered_stack_frames", contextlib.nullcontext)
+        traced.append(_trace(layer, optimistic=True)[0])
+    stacks = _callstacks(traced[0].program)
+    assert stacks == _callstacks(traced[1].program)
+    # the user's own frames are there (graphopt reads them for locations)
+    assert any("test_trace_placeholders.py" in line for _, s in stacks for line in s)
+    # outside a trace the standard library's own function is back
+    assert traceback.extract_stack is _EXTRACT_STACK
 
 
 def test_the_op_count_sot_asks_for_is_the_block_length():

@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import linecache
+import sys
 import time
+import traceback
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -183,6 +186,42 @@ def _memoized_conversions() -> Iterator[None]:
         yield
     finally:
         del cache.convert_with_cache  # the class's method shows through again
+
+
+@contextlib.contextmanager
+def _remembered_stack_frames() -> Iterator[None]:
+    """Paddle records the Python stack of every op it builds (``op_callstack``) by calling
+    ``traceback.extract_stack()``, which makes a summary of every frame and stats every source
+    file on the stack each time; under SOT the stack is a hundred frames deep and a 61-layer
+    step builds tens of thousands of ops. During a trace, the summary of a frame at a given
+    (code, line) is made once and reused: the same file, line, function and source text (the
+    only difference: a source file edited during the trace shows its old line)."""
+    original = traceback.extract_stack
+    seen: dict[tuple[Any, int], traceback.FrameSummary] = {}
+
+    def extract_stack(f: Any = None, limit: int | None = None) -> traceback.StackSummary:
+        if limit is not None or getattr(sys, "tracebacklimit", None) is not None:
+            return original(f if f is not None else sys._getframe().f_back, limit)
+        frame = f if f is not None else sys._getframe().f_back
+        frames = []
+        while frame is not None:
+            key = (frame.f_code, frame.f_lineno)
+            summary = seen.get(key)
+            if summary is None:
+                code = frame.f_code
+                linecache.lazycache(code.co_filename, frame.f_globals)
+                summary = traceback.FrameSummary(code.co_filename, frame.f_lineno, code.co_name)
+                seen[key] = summary
+            frames.append(summary)
+            frame = frame.f_back
+        frames.reverse()
+        return traceback.StackSummary.from_list(frames)
+
+    traceback.extract_stack = extract_stack
+    try:
+        yield
+    finally:
+        traceback.extract_stack = original
 
 
 def _block_op_count() -> int:
@@ -419,6 +458,7 @@ def _trace_once(mp: ModelProgram, batch: StepBatch, *, optimistic: bool) -> Any:
         stack.enter_context(_memoized_support_checks())
         stack.enter_context(_memoized_conversions())
         stack.enter_context(_counted_ops())
+        stack.enter_context(_remembered_stack_frames())
         calls = stack.enter_context(_sot_collectors())
         if optimistic:
             calls["one_graph"] = True
