@@ -99,7 +99,7 @@ def test_dsv3_16_layers(tmp_path):
 
 @pytest.mark.slow
 def test_dsv3_61_layers(tmp_path):
-    """The full depth (about 100 s and 2.9 GB in its own process)."""
+    """The full depth (about 90 s and 2.6 GiB in its own process)."""
     report, _ = _report(tmp_path, "model=dsv3", "model.num_hidden_layers=61")
     _check_flagship(report, layers=61)
     assert all(v <= 1e-5 for v in report["numerics"].values())
