@@ -126,6 +126,32 @@ def _cheap_collections() -> Iterator[None]:
         gc.unfreeze()
 
 
+def _per_function(compute: Any, *, methods_only: bool = False) -> Any:
+    """`compute(func)` answered once per function for the life of the returned wrapper.
+
+    A bound method is a new object at each attribute access; its function is the key. The key
+    is kept with the answer, so a recycled id cannot hit. With `methods_only`, other callables
+    go straight to `compute`.
+    """
+    seen: dict[int, tuple[Any, Any]] = {}
+
+    def memoized(func: Any) -> Any:
+        if isinstance(func, types.MethodType):
+            key = func.__func__
+        elif methods_only:
+            return compute(func)
+        else:
+            key = func
+        hit = seen.get(id(key))
+        if hit is not None and hit[0] is key:
+            return hit[1]
+        answer = compute(func)
+        seen[id(key)] = (key, answer)
+        return answer
+
+    return memoized
+
+
 @contextlib.contextmanager
 def _memoized_support_checks() -> Iterator[None]:
     """Answer dy2static's "is this function left as is?" once per function during a trace.
@@ -133,23 +159,10 @@ def _memoized_support_checks() -> Iterator[None]:
     ``convert_call_func.is_unsupported`` rebuilds the list of every function of a dozen
     built-in modules on each call, and a marked function's body makes thousands of calls
     (about a tenth of an 8-layer trace). Its answer depends only on the function (for a bound
-    method: on its function, module and code), so it is kept for the trace, with the function,
-    so a recycled id cannot hit.
+    method: on its function, module and code).
     """
     original = convert_call_func.is_unsupported
-    seen: dict[int, tuple[Any, bool]] = {}
-
-    def is_unsupported(func: Any) -> bool:
-        # a bound method is made anew at each attribute access; its function is what decides
-        key = func.__func__ if isinstance(func, types.MethodType) else func
-        hit = seen.get(id(key))
-        if hit is not None and hit[0] is key:
-            return hit[1]
-        answer = original(func)
-        seen[id(key)] = (key, answer)
-        return answer
-
-    convert_call_func.is_unsupported = is_unsupported
+    convert_call_func.is_unsupported = _per_function(original)
     try:
         yield
     finally:
@@ -167,21 +180,7 @@ def _memoized_conversions() -> Iterator[None]:
     bound afterwards by the caller), so it is kept for the trace under that function.
     """
     cache = program_translator._FUNCTION_CACHE
-    original = cache.convert_with_cache
-    seen: dict[int, tuple[Any, Any]] = {}
-
-    def convert_with_cache(func: Any) -> Any:
-        if not isinstance(func, types.MethodType):
-            return original(func)
-        key = func.__func__
-        hit = seen.get(id(key))
-        if hit is not None and hit[0] is key:
-            return hit[1]
-        converted = original(func)
-        seen[id(key)] = (key, converted)
-        return converted
-
-    cache.convert_with_cache = convert_with_cache
+    cache.convert_with_cache = _per_function(cache.convert_with_cache, methods_only=True)
     try:
         yield
     finally:
