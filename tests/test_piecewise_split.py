@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 
 from graphopt.ir.pir_utils import data_ops, op_sequence, output_names, program_text
-from graphopt.ir.segment_plan import CAPTURED, EAGER
+from graphopt.ir.segment_plan import CAPTURED, EAGER, reads
 from graphopt.passes.base import Stage
 from graphopt.passes.piecewise_split import _check_segmented, build_plan
 from graphopt.passes.registry import get_pass
 from graphopt.report.picture import draw_plan
+from graphopt.runtime.executor import RunnerPool, as_tensor
+from graphopt.runtime.step import _Env, execute_segments
 from graphopt.runtime.step import run_plan as _run_plan
 from tests import programs as P
 from tests.filecheck import filecheck
@@ -219,6 +221,30 @@ def test_segments_in_order_equal_whole_program(which, max_len, seed, hoisted, ne
     for a, b in zip(pieces, whole, strict=True):
         assert a.shape == b.shape
         assert float(np.abs(a - b).max()) == 0.0
+
+
+@pytest.mark.parametrize("which", ["seed", "hoisted", "nested"])
+def test_runner_drops_each_value_after_its_last_reader(which, seed, hoisted, nested):
+    """With the plan's release schedule a step's environment ends holding the outputs and
+    what branches yielded, nothing else; a value dropped too early would raise KeyError."""
+    built = {"seed": seed, "hoisted": hoisted, "nested": nested}[which]
+    plan = build_plan(built.program, IF, built.host_inputs)
+    feeds = P.feeds_for(built, P.make_batch(6, [6, 6, 6], np.random.default_rng(3)))
+    pool = RunnerPool(built.params)
+
+    def run_one(seg, seg_feeds):
+        return pool.get(seg.program).run(seg_feeds)
+
+    left = {}
+    for release in (None, plan.release_schedule()):
+        env = _Env({k: as_tensor(v) for k, v in feeds.items()}, pool.params)
+        execute_segments(plan.segments, env, run_one, release=release)
+        left[release is None] = set(env)
+    yielded = {k for s in plan.walk() for keys in s.yields.values() for k in keys}
+    unread = set(feeds) - {k for s in plan.segments for k in reads(s)}
+    assert left[False] - set(plan.outputs) <= yielded | unread
+    assert "arg.0" not in left[False] and "arg.0" in left[True]
+    assert len(left[True]) > len(left[False]) + 3
 
 
 def test_branches_are_visibly_different(seed):

@@ -80,21 +80,29 @@ def execute_segments(
     env: _Env,
     run_segment: SegmentFn,
     on_branch: Callable[[Segment, str], None] | None = None,
+    release: Mapping[int, Sequence[str]] | None = None,
 ) -> None:
-    """Run `segments` in order into `env` (eager ifs pick their branch from `env`)."""
+    """Run `segments` in order into `env` (eager ifs pick their branch from `env`).
+
+    `release` (:meth:`SegmentPlan.release_schedule`) names, per segment id, the values to drop
+    from `env` once that segment has run.
+    """
     for seg in segments:
         if seg.is_branching:
             label = "true" if condition_value(env.get_value(seg.cond)) else "false"
             if on_branch is not None:
                 on_branch(seg, label)
-            execute_segments(seg.branches[label], env, run_segment, on_branch)
+            execute_segments(seg.branches[label], env, run_segment, on_branch, release)
             for res, src in zip(seg.results, seg.yields[label], strict=True):
                 env[res] = env.get_value(src)
-            continue
-        feeds = {name: env.get_value(key) for name, key in zip(seg.feed_names, seg.live_in,
-                                                                 strict=True)}
-        outs = run_segment(seg, feeds)
-        env.update(zip(seg.live_out, outs, strict=True))
+        else:
+            feeds = {name: env.get_value(key) for name, key in zip(seg.feed_names, seg.live_in,
+                                                                     strict=True)}
+            outs = run_segment(seg, feeds)
+            env.update(zip(seg.live_out, outs, strict=True))
+        if release is not None:
+            for key in release.get(seg.id, ()):
+                env.pop(key, None)
 
 
 def run_plan(
@@ -113,7 +121,7 @@ def run_plan(
         return pool.get(seg.program).run(seg_feeds)
 
     env = _Env({k: as_tensor(v) for k, v in feeds.items()}, pool.params)
-    execute_segments(plan.segments, env, run_one)
+    execute_segments(plan.segments, env, run_one, release=plan.release_schedule())
     return [as_tensor(env.get_value(k)) for k in plan.outputs]
 
 
@@ -206,6 +214,7 @@ class StepExecutor:
         self.capture = (CaptureManager(backend_obj, list(capture_sizes), num_warmups,
                                        check=check_captures, check_atol=check_atol)
                         if backend_obj is not None else None)
+        self._release = self.plan.release_schedule()
         self._whole: WholeProgramStep | None = None
         self.steps = 0
         self.eager_segment_runs = 0
@@ -236,7 +245,8 @@ class StepExecutor:
                     f"{self.capture.sizes[-1]}"
                 )
             env = _Env(self.feeds(batch), self.params)
-            execute_segments(self.plan.segments, env, self._run_eager, self._note_branch)
+            execute_segments(self.plan.segments, env, self._run_eager, self._note_branch,
+                             self._release)
             return [env.get_value(k) for k in self.plan.outputs]
         padded = batch if size == num_tokens else self.mp.model.pad_batch(batch, size)
         env = _Env(self.feeds(padded), self.params)
@@ -247,7 +257,7 @@ class StepExecutor:
                 return self.capture.run(seg, size, seg_feeds)
             return self._run_eager(seg, seg_feeds)
 
-        execute_segments(self.plan.segments, env, run_one, self._note_branch)
+        execute_segments(self.plan.segments, env, run_one, self._note_branch, self._release)
         outs = [env.get_value(k) for k in self.plan.outputs]
         if outs:
             outs[0] = outs[0][:num_tokens]  # logits rows; state tensors are full-size

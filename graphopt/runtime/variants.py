@@ -64,6 +64,8 @@ class _Target:
     program: Any
     plan: SegmentPlan | None
     manager: CaptureManager | None
+    #: the plan's release schedule (see SegmentPlan.release_schedule)
+    release: dict[int, list[str]] | None = None
 
 
 class VariantStepExecutor:
@@ -109,7 +111,8 @@ class VariantStepExecutor:
             manager = (CaptureManager(backend_obj, self.sizes, num_warmups,
                                       check=check_captures, check_atol=check_atol)
                        if backend_obj is not None else None)
-            return _Target(name, program, plan, manager)
+            return _Target(name, program, plan, manager,
+                           plan.release_schedule() if plan is not None else None)
 
         self.targets = {v.name: target(v.name, v.program, v.segments) for v in mp.variants}
         # The general program (ifs eager) serves whatever no variant does, when a pass
@@ -193,7 +196,7 @@ class VariantStepExecutor:
             return self.pool.get(seg.program).run(seg_feeds)
 
         env = _Env(feeds, self.pool.params)
-        execute_segments(target.plan.segments, env, run_one)
+        execute_segments(target.plan.segments, env, run_one, release=target.release)
         return [env.get_value(k) for k in target.plan.outputs]
 
     def run_whole(self, batch: StepBatch) -> list[np.ndarray]:
