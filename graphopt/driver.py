@@ -106,7 +106,7 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
                               numerics, replay, float(cfg.verify.atol))
         report.cache = cache_info
         with phase("artifacts"), _timed(timings, "artifacts"):
-            report.artifacts = write_artifacts(mp, cfg, pipeline, run_dir)
+            compiled = None
             if mp.program is not None:  # what graphopt.load(run_dir) reads
                 entry = cache_info.get("entry")
                 if entry and Path(entry, ENTRY_FILE).is_file():  # the cache's, as is
@@ -115,6 +115,9 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
                     write_entry(run_dir / "compiled", cache_info.get("key", ""),
                                 cache_info.get("material") or _key_material(cfg, pm, mp.model),
                                 mp, report.passes, hazards_before)
+                compiled = run_dir / "compiled" / "program.pir"
+            report.artifacts = write_artifacts(mp, cfg, pipeline, run_dir, serialized=compiled)
+            if compiled is not None:
                 report.artifacts["compiled"] = "compiled"
     finally:
         mp.model.restore_patches(0)

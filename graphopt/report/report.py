@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -235,9 +236,14 @@ def write_atomic(path: Path, text: str | bytes) -> None:
 
 
 def write_artifacts(mp: ModelProgram, cfg: Any, pipeline: dict[str, Any],
-                    run_dir: Path) -> dict[str, str]:
+                    run_dir: Path, serialized: Path | None = None) -> dict[str, str]:
     """Program text, Paddle's serialized program, prologue, plan + picture, variant programs,
-    flags, pipeline."""
+    flags, pipeline.
+
+    `serialized`: a file already holding Paddle's serialization of ``mp.program`` (the
+    compiled entry's); it is linked as ``program.json`` instead of serialising again (a
+    second or more at 61 layers).
+    """
     out: dict[str, str] = {}
     write_atomic(run_dir / "pipeline.yaml", OmegaConf.to_yaml(OmegaConf.create(
         {"model": str(cfg.model.name), "full_cuda_graph": bool(cfg.full_cuda_graph),
@@ -247,8 +253,11 @@ def write_artifacts(mp: ModelProgram, cfg: Any, pipeline: dict[str, Any],
         write_atomic(run_dir / "program.txt", program_text(mp.program) + "\n")
         out["program_text"] = "program.txt"
         with pending_temp(run_dir / ".program.json.tmp") as tmp:
-            core.serialize_pir_program(mp.program, str(tmp), True, True, False)
-            os.chmod(tmp, 0o644)
+            if serialized is not None:
+                _link_or_copy(serialized, tmp)
+            else:
+                core.serialize_pir_program(mp.program, str(tmp), True, True, False)
+                os.chmod(tmp, 0o644)
             os.replace(tmp, run_dir / "program.json")
         out["program_paddle"] = "program.json"
     if mp.prologue is not None:
@@ -275,6 +284,14 @@ def write_artifacts(mp: ModelProgram, cfg: Any, pipeline: dict[str, Any],
                      "".join(f"export {k}={v}\n" for k, v in sorted(mp.flags.items())))
         out["flags"] = "flags.env"
     return out
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+        os.chmod(dst, 0o644)
 
 
 def _num_layers(mp: ModelProgram) -> int | None:
