@@ -354,6 +354,47 @@ def link_entry(src: Path, dst: Path) -> None:
             shutil.copy2(f, target)
 
 
+# -- replay verdicts -----------------------------------------------------------------------------
+def _replay_file(entry: Path, settings: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    return entry / f"replay-{digest.hexdigest()[:12]}.json"
+
+
+def record_replay(entry: Path, settings: dict[str, Any], replay: dict[str, Any],
+                  made_by: str) -> None:
+    """Keep the replay check's result next to the entry, one file per replay `settings`.
+
+    The replay check is a pure function of the entry (program, plan, weights; the trace seed
+    is in the key), the runtime code (its digest is in the key) and `settings` (backend, device,
+    steps, capture sizes, warm-ups, tolerances), so a hit with the same settings can show this
+    result instead of computing it again. Written atomically; a read-only cache keeps none.
+    """
+    text = json.dumps({"settings": settings, "replay": replay, "made_by": made_by},
+                      default=str)
+    with contextlib.suppress(OSError):
+        fd, tmp = tempfile.mkstemp(dir=entry, prefix=".replay-")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, _replay_file(entry, settings))
+
+
+def recorded_replay(entry: Path, settings: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+    """The replay result :func:`record_replay` kept for exactly these `settings`, and which run
+    made it; None when there is none, it is unreadable, or it found a mismatch (a failing check
+    is always run again, so its report is this run's)."""
+    try:
+        data = json.loads(_replay_file(entry, settings).read_text())
+        if data["settings"] != json.loads(json.dumps(settings, default=str)):
+            return None
+        replay, made_by = dict(data["replay"]), str(data["made_by"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if replay.get("mismatches", 1) != 0 or replay.get("recorded"):
+        return None
+    return replay, made_by
+
+
 # -- the cache directory ------------------------------------------------------------------------
 class CompileCache:
     """Entries under one directory, one per key; safe for concurrent writers."""

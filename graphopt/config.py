@@ -126,6 +126,10 @@ class CacheConfig:
     enabled: bool = False
     #: where entries live (one directory per key); shared safely by concurrent jobs
     dir: str = "~/.cache/graphopt"
+    #: on a hit, replay the verify.steps steps again even when the run that made the entry
+    #: recorded that check's result for the same settings (false: show the recorded result;
+    #: the numerics check against eager always runs)
+    replay_on_hit: bool = False
 
 
 @dataclass

@@ -30,6 +30,8 @@ from graphopt.cache import (
     cache_key,
     key_material,
     link_entry,
+    record_replay,
+    recorded_replay,
     write_entry,
 )
 from graphopt.config import validate
@@ -52,7 +54,13 @@ from graphopt.report.report import (
     write_report,
 )
 from graphopt.runtime.executor import RunnerPool, release_interpreters
-from graphopt.verification import BisectResult, NumericsInstrument, check_numerics, check_replay
+from graphopt.verification import (
+    BisectResult,
+    NumericsInstrument,
+    Replay,
+    check_numerics,
+    check_replay,
+)
 
 
 def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
@@ -88,18 +96,21 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
                                       int(cfg.verify.get("whole_program_max_ops", 4000)))
             hazards_after = ([h.to_dict() for h in hazards_of(mp)] if mp.program is not None
                              else None)
-        with phase("replay", f"({cfg.verify.steps} steps)"), _timed(timings, "replay"):
-            replay = check_replay(
-                mp, rng,
-                backend=str(getattr(cfg.runtime.backend, "value", cfg.runtime.backend)),
-                steps=int(cfg.verify.steps),
-                capture_sizes=list(cfg.runtime.cudagraph_capture_sizes),
-                num_warmups=int(cfg.runtime.cudagraph_num_of_warmups),
-                atol=float(cfg.verify.replay_atol),
-                check_captures=bool(cfg.runtime.check_captures),
-                check_atol=float(cfg.runtime.check_captures_atol),
-                pool=pool,
-            )
+        settings = _replay_settings(cfg)
+        entry = Path(cache_info["entry"]) if cache_info.get("entry") else None
+        recorded = (recorded_replay(entry, settings)
+                    if entry is not None and cache_info["status"] == "hit"
+                    and not cfg.cache.replay_on_hit else None)
+        if recorded is not None:
+            replay = Replay.from_dict(recorded[0])
+            replay.recorded = recorded[1]
+        else:
+            with phase("replay", f"({cfg.verify.steps} steps)"), _timed(timings, "replay"):
+                replay = check_replay(
+                    mp, rng, **{k: v for k, v in settings.items() if k != "device"}, pool=pool)
+            if entry is not None:
+                record_replay(entry, settings, replay.to_dict(),
+                              f"the run of {time.strftime('%Y-%m-%dT%H:%M:%S%z')} ({run_dir})")
         pool.clear()
         release_interpreters()  # the checks are done: give their compiled programs back
         report = build_report(cfg, pipeline, mp, records, hazards_before, hazards_after,
@@ -232,6 +243,21 @@ def build_and_optimize(
 def _set_device(cfg: DictConfig) -> None:
     """``runtime.device``: where the model is built and its programs run."""
     paddle.set_device(str(getattr(cfg.runtime.device, "value", cfg.runtime.device)))
+
+
+def _replay_settings(cfg: DictConfig) -> dict[str, Any]:
+    """Everything the replay check's result depends on besides the cache key: the arguments
+    of :func:`check_replay`, and the device."""
+    return {
+        "backend": str(getattr(cfg.runtime.backend, "value", cfg.runtime.backend)),
+        "steps": int(cfg.verify.steps),
+        "capture_sizes": list(cfg.runtime.cudagraph_capture_sizes),
+        "num_warmups": int(cfg.runtime.cudagraph_num_of_warmups),
+        "atol": float(cfg.verify.replay_atol),
+        "check_captures": bool(cfg.runtime.check_captures),
+        "check_atol": float(cfg.runtime.check_captures_atol),
+        "device": str(getattr(cfg.runtime.device, "value", cfg.runtime.device)),
+    }
 
 
 def _key_material(cfg: DictConfig, pm: PassManager, bundle: ModelBundle) -> dict[str, Any]:

@@ -141,10 +141,19 @@ class Replay:
     stats: dict[str, Any] = field(default_factory=dict)
     #: why no step was replayed (None when some were)
     skipped: str | None = None
+    #: set when this is not this run's check but the one the run that made the cache entry
+    #: recorded (same program, plan, weights, seed and replay settings): says which run
+    recorded: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in vars(self).items() if v is not None}
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Replay:
+        """The inverse of :meth:`to_dict` (unknown keys are ignored)."""
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def check_replay(mp: ModelProgram, rng: np.random.Generator, *, backend: str, steps: int,

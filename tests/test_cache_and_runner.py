@@ -123,13 +123,45 @@ def test_cache_miss_then_hit_skips_trace_and_passes(tmp_path, capsys):
     assert not {"trace_unmodified", "trace_optimized", "passes"} & set(warm["timings"])
     # still verified, and the same numbers: the "before" side is the run that made the entry
     assert warm["verified"] and warm["numerics"] == cold["numerics"]
+    # the replay check is the cold run's, recorded for these settings, and says so
+    assert warm["replay"]["recorded"].endswith(f"({tmp_path / 'cold'})")
+    recorded = {k: v for k, v in warm["replay"].items() if k != "recorded"}
+    assert recorded == json.loads(json.dumps(cold["replay"]))  # as report.json has it
+    assert warm["capture_plan"] == cold["capture_plan"]
     assert warm["replay"]["mismatches"] == 0 and warm["replay"]["steps"] == 20
+    assert "replay" not in warm["timings"]
     assert warm["traces"] == cold["traces"] and warm["passes"] == cold["passes"]
     assert warm["segments"] == cold["segments"] and warm["flags"] == cold["flags"]
     assert "cache: hit" in capsys.readouterr().out
     # another pipeline option is another key
     other = _opt(tmp_path, "other", cache_dir, "verify.seed=1")
     assert other["cache"]["status"] == "miss" and other["cache"]["key"] != cold["cache"]["key"]
+
+
+def test_a_hit_replays_again_unless_the_same_check_passed_before(tmp_path):
+    """A recorded replay result stands in for the check only for identical settings and only
+    when it passed; anything else replays, and a replay that ran is recorded for later hits."""
+    cache_dir = tmp_path / "cache"
+    cold = _opt(tmp_path, "cold", cache_dir, "verify.steps=4")
+    entry = cache_dir / cold["cache"]["key"]
+    again = _opt(tmp_path, "again", cache_dir, "verify.steps=4", "cache.replay_on_hit=true")
+    assert "recorded" not in again["replay"] and "replay" in again["timings"]
+    other = _opt(tmp_path, "other", cache_dir, "verify.steps=3")  # other settings: replayed
+    assert "recorded" not in other["replay"] and other["replay"]["steps"] == 3
+    assert "recorded" in _opt(tmp_path, "other2", cache_dir, "verify.steps=3")["replay"]
+    records = sorted(entry.glob("replay-*.json"))
+    assert len(records) == 2
+    for damage in ("mismatch", "{ truncated"):
+        for f in records:
+            if damage == "mismatch":
+                data = json.loads(f.read_text())
+                data["replay"]["mismatches"] = 1
+                f.write_text(json.dumps(data))
+            else:
+                f.write_text(damage)
+        redo = _opt(tmp_path, f"redo-{damage[:4]}", cache_dir, "verify.steps=4")
+        assert "recorded" not in redo["replay"] and redo["verified"]
+        assert redo["replay"]["steps"] == 4 and redo["replay"]["mismatches"] == 0
 
 
 def test_cache_hit_of_a_full_graph_run_runs_its_variants(tmp_path):

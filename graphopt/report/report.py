@@ -352,7 +352,10 @@ def summary(r: Report, verdict: bool = True) -> str:
     rp = r.replay
     if rp.get("steps"):
         lines.append(f"replay {rp['backend']}: {rp['steps']} steps, {rp['mismatches']} mismatches"
-                     f" (max abs err {rp.get('max_abs_err', 0):.1e})")
+                     f" (max abs err {rp.get('max_abs_err', 0):.1e})"
+                     + (f": recorded by {rp['recorded']} with these settings, not replayed on "
+                        "this cache hit (cache.replay_on_hit=true replays)"
+                        if rp.get("recorded") else ""))
     elif rp.get("skipped"):
         lines.append(f"replay: skipped ({rp['skipped']})")
     for d in rp.get("stats", {}).get("dropped_graphs", []):
