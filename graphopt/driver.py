@@ -97,9 +97,9 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
             hazards_after = ([h.to_dict() for h in hazards_of(mp)] if mp.program is not None
                              else None)
         settings = _replay_settings(cfg)
-        entry = Path(cache_info["entry"]) if cache_info.get("entry") else None
-        recorded = (recorded_replay(entry, settings)
-                    if entry is not None and cache_info["status"] == "hit"
+        entry_dir = Path(cache_info["entry"]) if cache_info.get("entry") else None
+        recorded = (recorded_replay(entry_dir, settings)
+                    if entry_dir is not None and cache_info["status"] == "hit"
                     and not cfg.cache.replay_on_hit else None)
         if recorded is not None:
             replay = Replay.from_dict(recorded[0])
@@ -108,8 +108,8 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
             with phase("replay", f"({cfg.verify.steps} steps)"), _timed(timings, "replay"):
                 replay = check_replay(
                     mp, rng, **{k: v for k, v in settings.items() if k != "device"}, pool=pool)
-            if entry is not None:
-                record_replay(entry, settings, replay.to_dict(),
+            if entry_dir is not None:  # for later hits with the same settings
+                record_replay(entry_dir, settings, replay.to_dict(),
                               f"the run of {time.strftime('%Y-%m-%dT%H:%M:%S%z')} ({run_dir})")
         pool.clear()
         release_interpreters()  # the checks are done: give their compiled programs back
