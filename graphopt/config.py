@@ -25,6 +25,7 @@ from graphopt.models import check_builder, check_model
 from graphopt.models.deepseek_v3.config import DeepseekV3Node
 from graphopt.models.tiny import TinyNode
 from graphopt.passes.manager import PassManager
+from graphopt.runtime.capture import DEFAULT_CAPTURE_SIZES
 
 
 class Backend(str, enum.Enum):
@@ -50,7 +51,7 @@ class RuntimeConfig:
     #: where the model and its programs run (paddle.set_device before the model is built)
     device: Device = Device.cpu
     #: batch token counts that get a captured graph; a batch is padded up to the next size
-    cudagraph_capture_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    cudagraph_capture_sizes: list[int] = field(default_factory=lambda: [*DEFAULT_CAPTURE_SIZES])
     cudagraph_num_of_warmups: int = 1
     #: replay each newly captured graph once on its capture batch, compare it with the
     #: uncaptured run, and drop it (that graph's segment/variant and size run uncaptured) if it

@@ -25,6 +25,7 @@ import paddle
 
 from graphopt.cache import CacheError, CompileCache, Entry, load_entry, read_meta
 from graphopt.models import build_model
+from graphopt.runtime.capture import DEFAULT_CAPTURE_SIZES
 from graphopt.runtime.step import StepExecutor, WholeProgramStep
 from graphopt.runtime.variants import VariantStepExecutor
 
@@ -51,7 +52,7 @@ def load(
     *,
     cache_dir: str | os.PathLike | None = None,
     backend: str = "emulator",
-    capture_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+    capture_sizes: Sequence[int] = DEFAULT_CAPTURE_SIZES,
     num_warmups: int = 1,
 ) -> StepExecutor | VariantStepExecutor:
     """A ready step executor for the optimized step saved at `source` (see module docstring).

@@ -32,7 +32,12 @@ from graphopt.ir.model_program import ModelProgram
 from graphopt.ir.pir_utils import data_ops
 from graphopt.ir.segment_plan import CAPTURED, Segment, SegmentPlan
 from graphopt.models.base import StepBatch, resolve_meta_field
-from graphopt.runtime.capture import BACKENDS, CaptureManager, make_backend
+from graphopt.runtime.capture import (
+    BACKENDS,
+    DEFAULT_CAPTURE_SIZES,
+    CaptureManager,
+    make_backend,
+)
 from graphopt.runtime.executor import ProgramRunner, RunnerPool, as_tensor
 
 #: why a step executor cannot run a ModelProgram without a plan (the runtime only executes)
@@ -192,7 +197,7 @@ class StepExecutor:
         self,
         mp: ModelProgram,
         backend: str = "emulator",
-        capture_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+        capture_sizes: Sequence[int] = DEFAULT_CAPTURE_SIZES,
         num_warmups: int = 1,
         pool: RunnerPool | None = None,
         *,

@@ -37,6 +37,7 @@ from graphopt.ir.segment_plan import CAPTURED, Segment, SegmentPlan
 from graphopt.models.base import StepBatch
 from graphopt.runtime.capture import (
     BACKENDS,
+    DEFAULT_CAPTURE_SIZES,
     CaptureBackend,
     CaptureManager,
     capture_size_for,
@@ -81,7 +82,7 @@ class VariantStepExecutor:
         self,
         mp: ModelProgram,
         backend: str = "emulator",
-        capture_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+        capture_sizes: Sequence[int] = DEFAULT_CAPTURE_SIZES,
         num_warmups: int = 1,
         pool: RunnerPool | None = None,
         *,
