@@ -180,3 +180,24 @@ def test_static_input_buffers_keep_their_shape():
     mgr.run(seg, 4, feeds)
     with pytest.raises(ValueError, match="captured with"):
         mgr.run(seg, 4, {n: np.ones((3, P.HIDDEN), "float32") for n in seg.feed_names})
+
+
+def test_model_constants_are_bound_not_copied():
+    """A weight or constant buffer fed to a segment is read where it lives, as a GPU graph
+    would: not cloned per graph, not copied per replay, never overwritten."""
+    mp = _mp(P.build_cond_program(hoisted=True))
+    seg = next(s for s in mp.segments.captured if s.kind == CAPTURED)
+    pool = RunnerPool({**mp.params, "const.x": np.ones((4, P.HIDDEN), "float32")})
+    const = pool.params["const.x"]
+    mgr = CaptureManager(EmulatorBackend(pool), SIZES, 0)
+    first, *rest = seg.feed_names
+    feeds = {first: const, **{n: np.ones((4, P.HIDDEN), "float32") for n in rest}}
+    mgr.run(seg, 4, feeds)
+    graph = mgr.graphs[(seg.id, 4)]
+    assert graph.static_inputs[first] is const and graph.bound == {first}
+    assert all(graph.static_inputs[n] is not feeds[n] for n in rest)
+    assert mgr.input_bytes[(seg.id, 4)] == 4 * P.HIDDEN * 4 * len(rest)
+    mgr.run(seg, 4, feeds)  # the same constant: no copy, no error
+    with pytest.raises(ValueError, match="bound to a model constant"):
+        mgr.run(seg, 4, {**feeds, first: np.zeros((4, P.HIDDEN), "float32")})
+    assert float(const.numpy().min()) == 1.0

@@ -73,6 +73,10 @@ class CaptureBackend(ABC):
     def replay(self, graph: Any, feeds: Mapping[str, paddle.Tensor]) -> list[paddle.Tensor]:
         """Copy `feeds` into the graph's static inputs, replay, return the live-out values."""
 
+    def static_bytes(self, graph: Any, seg: Segment, feeds: Mapping[str, Any]) -> int:
+        """Bytes of the inputs a replay of `graph` copies into its static buffers."""
+        return sum(_nbytes(feeds[n]) for n in seg.feed_names)
+
     def run_uncaptured(self, seg: Segment, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run the segment as a plain program (no graph): the reference a checked capture is
         compared with, and how a dropped graph's segment runs from then on."""
@@ -95,6 +99,10 @@ class EmulatedGraph:
     #: what the capture run computed: the first replay's result (same inputs, frozen values
     #: just recorded), handed out once instead of running the segment a second time
     first_outputs: list[paddle.Tensor] | None = None
+    #: inputs bound as they are, not copied: the model's weights and constant buffers (a GPU
+    #: graph reads them where they live; cloning them per graph cost ~200 MB per capture size
+    #: at 61 layers, where SOT passes the stacked expert weights as inputs)
+    bound: frozenset[str] = frozenset()
 
 
 class _EmulatedSegment:
@@ -159,6 +167,7 @@ class EmulatorBackend(CaptureBackend):
         super().__init__(pool.params)
         self.pool = pool
         self._segments: dict[int, _EmulatedSegment] = {}
+        self._constants = {id(t) for t in pool.params.values()}
 
     def _seg(self, seg: Segment) -> _EmulatedSegment:
         em = self._segments.get(seg.id)
@@ -176,13 +185,24 @@ class EmulatorBackend(CaptureBackend):
         em = self._seg(seg)
         outs = em.capture_runner.run(feeds)
         recorded = outs[em.n_out:]  # fresh tensors: no later run writes into them
-        static = {n: as_tensor(feeds[n]).clone() for n in seg.feed_names}
+        static, bound = {}, set()
+        for n in seg.feed_names:
+            t = as_tensor(feeds[n])
+            if id(t) in self._constants:
+                static[n] = t
+                bound.add(n)
+            else:
+                static[n] = t.clone()
         frozen = dict(zip(em.frozen_names, recorded, strict=True))
-        return EmulatedGraph(seg.id, size, static, frozen, first_outputs=outs[:em.n_out])
+        return EmulatedGraph(seg.id, size, static, frozen, bound=frozenset(bound),
+                             first_outputs=outs[:em.n_out])
+
+    def static_bytes(self, graph: Any, seg: Segment, feeds: Mapping[str, Any]) -> int:
+        return sum(_nbytes(feeds[n]) for n in seg.feed_names if n not in graph.bound)
 
     def replay(self, graph: EmulatedGraph, feeds: Mapping[str, paddle.Tensor]
                ) -> list[paddle.Tensor]:
-        _copy_into_static(graph.static_inputs, feeds, graph.segment_id)
+        _copy_into_static(graph.static_inputs, feeds, graph.segment_id, graph.bound)
         if graph.first_outputs is not None:
             # the replay right after the capture: same inputs, and the frozen host values are
             # the ones this very run computed, so the replay would compute exactly these
@@ -200,15 +220,27 @@ class EmulatorBackend(CaptureBackend):
 
 
 def _copy_into_static(static: dict[str, paddle.Tensor], feeds: Mapping[str, Any],
-                      seg_id: int) -> None:
+                      seg_id: int, bound: frozenset[str] = frozenset()) -> None:
     for name, buf in static.items():
         new = as_tensor(feeds[name])
+        if name in bound:
+            if new is not buf:  # never write into a weight: the graph must be captured anew
+                raise ValueError(f"segment {seg_id}: input {name} was captured bound to a model "
+                                 "constant and is now another tensor")
+            continue
         if new.shape != buf.shape or new.dtype != buf.dtype:
             raise ValueError(
                 f"segment {seg_id}: input {name} is {_desc(new)} but its graph was captured "
                 f"with {_desc(buf)} (batch not padded to the capture size?)"
             )
         paddle.assign(new, output=buf)
+
+
+def _nbytes(value: Any) -> int:
+    """Size of a tensor or array in bytes, without copying it to numpy."""
+    if isinstance(value, paddle.Tensor):
+        return int(np.prod(value.shape, dtype=np.int64)) * value.element_size()
+    return int(np.asarray(value).nbytes)
 
 
 def _desc(t: paddle.Tensor) -> str:
@@ -399,7 +431,7 @@ class CaptureManager:
                 self.stats.warmup_runs += 1
             graph = self.backend.capture(seg, size, feeds)
             self.stats.graphs_captured += 1
-            self.input_bytes[key] = sum(np.asarray(feeds[n]).nbytes for n in seg.feed_names)
+            self.input_bytes[key] = self.backend.static_bytes(graph, seg, feeds)
             log.debug("captured segment %d at size %d", seg.id, size)
             if self.check:
                 return self._checked_first_replay(seg, size, graph, feeds)
