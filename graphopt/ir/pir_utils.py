@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import re
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import paddle
 from paddle.base import core
@@ -147,6 +149,71 @@ def add_data_op(
         finally:
             paddle.pir.reset_insertion_point_to_end()
     return value
+
+
+#: ops with no operands and no side effects that create a constant tensor from attributes
+CONSTANT_OPS = frozenset({"pd_op.full", "pd_op.full_int_array"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstantSpec:
+    """A constant op replaced by a program input: the op's name and attributes (``shape``,
+    ``value``, ``dtype``, ``place``), enough to make the same tensor once outside the program."""
+
+    feed_name: str
+    op_name: str
+    attrs: dict[str, Any]
+
+
+def feed_constants(program: paddle.pir.Program, prefix: str) -> list[ConstantSpec]:
+    """Replace the constant ops of `program`'s global block (:data:`CONSTANT_OPS`) with
+    ``pd_op.data`` inputs named ``<prefix><k>``; return what each input must be fed.
+
+    Each constant op allocates and fills a fresh tensor on every run; fed as an input it is
+    shared into the run by reference. A segment cut from a big program holds its own copies of
+    constants the whole program shares (hundreds per step at 61 layers), so this is most of
+    what a piecewise step costs more than the whole program. A constant is left in place when
+    something could write into it or hand it out: an in-place op (``pd_op.*_``), a program
+    output or block terminator, or an op in a nested block (whose own in-place rules are not
+    the global block's). The data op keeps the constant's place (shape arguments stay on the
+    host), and its type, so no type downstream changes.
+    """
+    block = program.global_block()
+    candidates = []
+    for op in block.ops:
+        if op.name() not in CONSTANT_OPS or op.num_results() != 1:
+            continue
+        users = op.result(0).all_used_ops()
+        if users and all(_reads_only(u, block) for u in users):
+            candidates.append(op)
+    if not candidates:
+        return []
+    specs = []
+    anchor = block.ops[0]
+    with static_mode(), paddle.static.program_guard(program):
+        paddle.pir.set_insertion_point(anchor)
+        try:
+            for k, op in enumerate(candidates):
+                attrs = {a: v for a, v in op.attrs().items() if a in ("shape", "value", "dtype",
+                                                                        "place")}
+                result = op.result(0)
+                name = f"{prefix}{k}"
+                new = paddle._pir_ops.data(name, list(result.shape), result.dtype,
+                                           attrs["place"])
+                new.stop_gradient = True
+                result.replace_all_uses_with(new)
+                specs.append(ConstantSpec(name, op.name(), attrs))
+        finally:
+            paddle.pir.reset_insertion_point_to_end()
+    for op in candidates:
+        block.remove_op(op)
+    return specs
+
+
+def _reads_only(user: paddle.pir.Operation, block: paddle.pir.Block) -> bool:
+    name = user.name()
+    return (name not in INTERFACE_OPS and not name.endswith("_")
+            and user.get_parent_block() == block)
 
 
 def add_output(program: paddle.pir.Program, value: paddle.pir.Value, name: str) -> None:

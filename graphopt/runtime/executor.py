@@ -32,7 +32,14 @@ from paddle.base import core
 from paddle.jit.dy2static.pir_partial_program import RunnableProgram, apply_general_passes
 from paddle.jit.dy2static.utils import CUDAGraphState
 
-from graphopt.ir.pir_utils import data_ops, output_values, release_native_memory, static_mode
+from graphopt.ir.pir_utils import (
+    ConstantSpec,
+    data_ops,
+    feed_constants,
+    output_values,
+    release_native_memory,
+    static_mode,
+)
 
 #: a tensor, or anything paddle.to_tensor takes (numpy arrays in tests and tools)
 TensorLike = Any
@@ -40,6 +47,9 @@ TensorLike = Any
 # Ids of the interpreters this process compiles; far from the hash-of-ids values Paddle's own
 # layers use, so the two never meet in the shared interpreter cache.
 _PROGRAM_IDS = itertools.count(random.randrange(1 << 60, 1 << 61))
+#: names of the inputs a runner feeds its program's constants through (see feed_constants)
+CONSTANT_FEED_PREFIX = "graphopt.constant."
+_PLACE_KINDS = ("cpu", "gpu", "xpu", "custom", "ipu", "cuda_pinned", "xpu_pinned")
 _NO_CUDA_GRAPH = {"cuda_graph_state": CUDAGraphState.DISABLE, "cuda_graph_dispatch_key": 0}
 
 
@@ -58,6 +68,20 @@ def tensor_params(params: Mapping[str, TensorLike]) -> dict[str, paddle.Tensor]:
         t = as_tensor(value)
         out[name] = t if t.stop_gradient else t.detach()
     return out
+
+
+def make_constant(spec: ConstantSpec) -> paddle.Tensor:
+    """The tensor the constant op `spec` describes, made by the op's own kernel (same dtype,
+    same place; an undefined place is the expected one, as in the program)."""
+    a = spec.attrs
+    place = a["place"]
+    if not any(getattr(place, f"is_{kind}_place")() for kind in _PLACE_KINDS):
+        place = paddle.framework._current_expected_place()
+    if spec.op_name == "pd_op.full":
+        return _C_ops.full(a["shape"], a["value"], a["dtype"], place)
+    if spec.op_name == "pd_op.full_int_array":
+        return _C_ops.full_int_array(a["value"], a["dtype"], place)
+    raise ValueError(f"not a constant op: {spec.op_name}")
 
 
 def release_interpreters() -> None:
@@ -111,6 +135,9 @@ class ProgramRunner:
             runnable.program_name_attr  # noqa: B018 (names taken before the pass, as Paddle does)
             # what SOT's runner does to the programs it runs (numerics unchanged)
             apply_general_passes(forward, enable_cse=True, enable_delete_assert_op=False)
+            # made once here, fed by reference every run (fx: the input names, in x order)
+            specs = feed_constants(forward, CONSTANT_FEED_PREFIX)
+            runnable.program_name_attr["fx"].extend(s.feed_name for s in specs)
             self._attrs = core.construct_program_attribute_map({
                 "forward_program": forward,
                 "backward_program": runnable.backward_program,
@@ -118,6 +145,7 @@ class ProgramRunner:
                 "program_id": next(_PROGRAM_IDS),
                 "in_sot_mode": True,
             } | runnable.program_attr)
+        self._fed_constants = [make_constant(s) for s in specs]
         self._scope: core.Scope | None = None
 
     def run(self, feeds: Mapping[str, TensorLike]) -> list[paddle.Tensor]:
@@ -141,6 +169,8 @@ class ProgramRunner:
         if self._scope is None or not self._scope._can_reused:  # held by an earlier run
             self._scope = core.Scope()
         # no autograd bookkeeping: weights are detached and outputs are marked stop_gradient
+        if self._fed_constants:
+            inputs = inputs + self._fed_constants
         outs = _C_ops.run_program(inputs or None, self.params or None, [self._scope],
                                   self._attrs, _NO_CUDA_GRAPH)
         if self._identity:
