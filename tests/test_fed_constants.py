@@ -1,6 +1,6 @@
 """The runner feeds a program's constants instead of computing them every run.
 
-``feed_constants`` rewrites the runner's private copy of a program: each ``pd_op.full`` /
+``hoist_constants`` rewrites the runner's private copy of a program: each ``pd_op.full`` /
 ``pd_op.full_int_array`` becomes a ``pd_op.data`` input the runner fills once. A constant that
 something could write into or hand out stays an op.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
-from graphopt.ir.pir_utils import feed_constants, static_mode
+from graphopt.ir.pir_utils import hoist_constants, static_mode
 from graphopt.runtime.executor import CONSTANT_FEED_PREFIX, ProgramRunner
 from tests.filecheck import filecheck
 
@@ -42,7 +42,7 @@ def _executor_run(program: paddle.pir.Program, x: np.ndarray) -> list[np.ndarray
 
 def test_constants_become_inputs_but_not_outputs_or_inplace_targets():
     program = _program()
-    specs = feed_constants(program, "c.")
+    specs = hoist_constants(program, "c.")
     text = str(program)
     filecheck(text, """
         CHECK: (%[[C25:\\d+]]) = "pd_op.data" () {dtype:float32,name:"c.0",place:Place(undefined:0),shape:[1]
@@ -68,8 +68,17 @@ def test_no_constants_no_change():
             x = paddle.static.data("x", [-1, 4], "float32")
             paddle._pir_ops.set_persistable_value(paddle.nn.functional.relu(x), "y")
     before = str(main)
-    assert feed_constants(main, "c.") == []
+    assert hoist_constants(main, "c.") == []
     assert str(main) == before
+
+
+def test_runner_without_fed_constants_keeps_the_ops():
+    program = _program()
+    runner = ProgramRunner(program, {}, feed_constants=False)
+    assert runner._fed_constants == []
+    x = np.ones((2, 4), "float32")
+    for g, w in zip(runner.run({"x": x}), _executor_run(program, x), strict=True):
+        np.testing.assert_array_equal(g.numpy(), w)
 
 
 def test_runner_with_fed_constants_equals_the_executor_run_after_run():

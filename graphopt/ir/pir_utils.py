@@ -165,7 +165,7 @@ class ConstantSpec:
     attrs: dict[str, Any]
 
 
-def feed_constants(program: paddle.pir.Program, prefix: str) -> list[ConstantSpec]:
+def hoist_constants(program: paddle.pir.Program, prefix: str) -> list[ConstantSpec]:
     """Replace the constant ops of `program`'s global block (:data:`CONSTANT_OPS`) with
     ``pd_op.data`` inputs named ``<prefix><k>``; return what each input must be fed.
 

@@ -4,6 +4,10 @@ A :class:`ProgramRunner` is a program plus its weights, bound once: the program 
 forward program (``paddle.jit``'s ``RunnableProgram``), its attributes are built once, and each
 run is one ``run_program`` call with tensors in and tensors out. No numpy round trip, no
 stringified program per run (``Executor.run`` keys its cache by ``str(program)``).
+The program's constants (``pd_op.full``, ``pd_op.full_int_array``) are made once and fed by
+reference (:func:`~graphopt.ir.pir_utils.hoist_constants`; ``feed_constants=False`` keeps them
+as ops): computed in the program, each allocates and fills a tensor on every run, and a segment
+plan holds several times the constants of the whole program.
 
 Per-step inputs are passed every run as the tensors the step holds at that moment, never bound
 at trace time: a program holding a tensor by reference would miss a replaced tensor.
@@ -35,7 +39,7 @@ from paddle.jit.dy2static.utils import CUDAGraphState
 from graphopt.ir.pir_utils import (
     ConstantSpec,
     data_ops,
-    feed_constants,
+    hoist_constants,
     output_values,
     release_native_memory,
     static_mode,
@@ -47,7 +51,7 @@ TensorLike = Any
 # Ids of the interpreters this process compiles; far from the hash-of-ids values Paddle's own
 # layers use, so the two never meet in the shared interpreter cache.
 _PROGRAM_IDS = itertools.count(random.randrange(1 << 60, 1 << 61))
-#: names of the inputs a runner feeds its program's constants through (see feed_constants)
+#: names of the inputs a runner feeds its program's constants through (see hoist_constants)
 CONSTANT_FEED_PREFIX = "graphopt.constant."
 _PLACE_KINDS = ("cpu", "gpu", "xpu", "custom", "ipu", "cuda_pinned", "xpu_pinned")
 _NO_CUDA_GRAPH = {"cuda_graph_state": CUDAGraphState.DISABLE, "cuda_graph_dispatch_key": 0}
@@ -102,6 +106,8 @@ class ProgramRunner:
         program: paddle.pir.Program,
         params: Mapping[str, TensorLike],
         fetch: Sequence[paddle.pir.Value] | None = None,
+        *,
+        feed_constants: bool = True,
     ) -> None:
         self.program = program
         fetch = list(fetch) if fetch is not None else output_values(program)
@@ -136,7 +142,8 @@ class ProgramRunner:
             # what SOT's runner does to the programs it runs (numerics unchanged)
             apply_general_passes(forward, enable_cse=True, enable_delete_assert_op=False)
             # made once here, fed by reference every run (fx: the input names, in x order)
-            specs = feed_constants(forward, CONSTANT_FEED_PREFIX)
+            specs = (hoist_constants(forward, CONSTANT_FEED_PREFIX) if feed_constants
+                     else [])
             runnable.program_name_attr["fx"].extend(s.feed_name for s in specs)
             self._attrs = core.construct_program_attribute_map({
                 "forward_program": forward,
@@ -183,8 +190,9 @@ class RunnerPool:
     a program's interpreter is built once however many checks run it (numerics, replay,
     benchmarks). Weights are converted to tensors once for all of them."""
 
-    def __init__(self, params: Mapping[str, TensorLike]) -> None:
+    def __init__(self, params: Mapping[str, TensorLike], *, feed_constants: bool = True) -> None:
         self.params = tensor_params(params)
+        self.feed_constants = feed_constants
         self._runners: dict[int, tuple[paddle.pir.Program, ProgramRunner]] = {}
 
     def get(self, program: paddle.pir.Program) -> ProgramRunner:
@@ -192,7 +200,7 @@ class RunnerPool:
         hit = self._runners.get(id(program))
         if hit is not None and hit[0] is program:
             return hit[1]
-        runner = ProgramRunner(program, self.params)
+        runner = ProgramRunner(program, self.params, feed_constants=self.feed_constants)
         self._runners[id(program)] = (program, runner)
         return runner
 
