@@ -100,3 +100,26 @@ def test_runner_with_fed_constants_equals_the_executor_run_after_run():
     # nothing wrote into a fed constant (Paddle's in-place pass leaves program inputs alone)
     for t, before in zip(runner._fed_constants, fed_before, strict=True):
         np.testing.assert_array_equal(t.numpy(), before)
+
+
+def test_views_of_a_fed_constant_are_not_written_in_place():
+    """unsqueeze / reshape of a constant are views; the ops after them are ones Paddle's
+    in-place pass rewrites (relu -> relu_, exp -> exp_) when their input is dead."""
+    with static_mode():
+        main = paddle.static.Program()
+        with paddle.static.program_guard(main):
+            x = paddle.static.data("x", [-1, 4], "float32")
+            v = paddle.unsqueeze(paddle.full([4], 3.0, "float32"), 0)
+            v2 = paddle.reshape(paddle.full([2, 2], 5.0, "float32"), [1, 4])
+            paddle._pir_ops.set_persistable_value(paddle.nn.functional.relu(v) * 2.0 + x, "y")
+            paddle._pir_ops.set_persistable_value(paddle.exp(v2) + x, "z")
+    runner = ProgramRunner(main, {})
+    assert len(runner._fed_constants) == 5
+    fed_before = [t.numpy().copy() for t in runner._fed_constants]
+    x = np.ones((2, 4), "float32")
+    want = _executor_run(main, x)
+    for _ in range(3):
+        for g, w in zip(runner.run({"x": x}), want, strict=True):
+            np.testing.assert_array_equal(g.numpy(), w)
+    for t, before in zip(runner._fed_constants, fed_before, strict=True):
+        np.testing.assert_array_equal(t.numpy(), before)
