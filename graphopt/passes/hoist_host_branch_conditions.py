@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from graphopt.errors import PassError
 from graphopt.ir.model_program import HostPrologue, ModelProgram
 from graphopt.ir.pir_utils import (
-    add_data_op,
+    add_data_ops,
     add_output,
     clone_program_with_mapping,
     remove_dead_ops,
@@ -93,8 +93,10 @@ class HoistHostBranchConditions(Pass):
         remove_dead_ops(prologue.global_block(), keep_inputs=False)
 
         # Main program: frontier values become feeds; the chain becomes dead and goes.
-        for name, v in zip(names, frontier, strict=True):
-            v.replace_all_uses_with(add_data_op(program, name, list(v.shape), v.dtype))
+        feeds = add_data_ops(program, [(n, list(v.shape), v.dtype)
+                                       for n, v in zip(names, frontier, strict=True)])
+        for v, feed in zip(frontier, feeds, strict=True):
+            v.replace_all_uses_with(feed)
         for op in reversed(top_ops):
             if op.id() in hoist_ids and not any(r.all_used_ops() for r in op.results()):
                 block.remove_op(op)

@@ -31,7 +31,7 @@ import paddle
 
 from graphopt.errors import ConfigError
 from graphopt.ir.pir_utils import (
-    add_data_op,
+    add_data_ops,
     add_output,
     clone_program,
     data_ops,
@@ -147,10 +147,11 @@ def _frozen_variant(program: paddle.pir.Program, keys: list[str], names: list[st
     rep = clone_program(program)
     ridx = ProgramIndex(rep)
     producers = {ridx.ops[ridx.defs[k].path].id() for k in keys}
-    for k, name in zip(keys, names, strict=True):
-        value = ridx.values[k]
-        new = add_data_op(rep, name, list(value.shape), value.dtype)
-        value.replace_all_uses_with(new)
+    values = [ridx.values[k] for k in keys]
+    feeds = add_data_ops(rep, [(name, list(v.shape), v.dtype)
+                               for name, v in zip(names, values, strict=True)])
+    for value, feed in zip(values, feeds, strict=True):
+        value.replace_all_uses_with(feed)
     block = rep.global_block()
     for op in reversed(list(block.ops)):
         if op.id() in producers and all(r.use_empty() for r in op.results()):
