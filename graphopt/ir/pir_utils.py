@@ -160,7 +160,7 @@ def add_data_ops(
             paddle.pir.set_insertion_point_to_block_end(block)
         try:
             for name, shape, dtype in specs:
-                if not isinstance(dtype, paddle.base.libpaddle.DataType):
+                if not isinstance(dtype, paddle.dtype):
                     dtype = paddle.pir.core.convert_np_dtype_to_dtype_(dtype)
                 values.append(paddle._pir_ops.data(name, list(shape), dtype, core.Place()))
         finally:
@@ -196,8 +196,9 @@ def hoist_constants(program: paddle.pir.Program, prefix: str) -> list[ConstantSp
     host), and its type, so no type downstream changes.
     """
     block = program.global_block()
+    ops = block.ops  # one listing: each builds a Python object per op
     candidates = []
-    for op in block.ops:
+    for op in ops:
         if op.name() not in CONSTANT_OPS or op.num_results() != 1:
             continue
         users = op.result(0).all_used_ops()
@@ -206,9 +207,8 @@ def hoist_constants(program: paddle.pir.Program, prefix: str) -> list[ConstantSp
     if not candidates:
         return []
     specs = []
-    anchor = block.ops[0]
     with static_mode(), paddle.static.program_guard(program):
-        paddle.pir.set_insertion_point(anchor)
+        paddle.pir.set_insertion_point(ops[0])
         try:
             for k, op in enumerate(candidates):
                 attrs = {a: v for a, v in op.attrs().items() if a in ("shape", "value", "dtype",
