@@ -25,15 +25,8 @@ from graphopt.models import check_builder, check_model
 from graphopt.models.deepseek_v3.config import DeepseekV3Node
 from graphopt.models.tiny import TinyNode
 from graphopt.passes.manager import PassManager
-from graphopt.runtime.capture import DEFAULT_CAPTURE_SIZES
-
-
-class Backend(str, enum.Enum):
-    """How captured segments run: the CPU replay emulator, CUDA graphs, or uncaptured."""
-
-    emulator = "emulator"
-    cuda = "cuda"
-    none = "none"
+from graphopt.runtime.backend import check_backend
+from graphopt.runtime.capture import DEFAULT_CAPTURE_SIZES, CaptureCheck
 
 
 class Device(str, enum.Enum):
@@ -43,11 +36,20 @@ class Device(str, enum.Enum):
     gpu = "gpu"
 
 
+class CheckAction(str, enum.Enum):
+    """What a checked capture does with a graph whose replay differs from the uncaptured run."""
+
+    drop = "drop"
+    fail = "fail"
+
+
 @dataclass
 class RuntimeConfig:
-    """``runtime``: how optimized steps run (capture backend and sizes)."""
+    """``runtime``: how optimized steps run (execution backend, capture sizes, checks)."""
 
-    backend: Backend = Backend.emulator
+    #: a registered backend (graphopt.runtime.backend): emulator, none, cuda, torch_cpu,
+    #: torch_cuda, or one a package adds through the graphopt.backends entry points
+    backend: str = "emulator"
     #: where the model and its programs run (paddle.set_device before the model is built)
     device: Device = Device.cpu
     #: batch token counts that get a captured graph; a batch is padded up to the next size
@@ -58,11 +60,19 @@ class RuntimeConfig:
     #: differs by more than check_captures_atol
     check_captures: bool = False
     check_captures_atol: float = 1e-4
+    #: replays of each graph compared with an uncaptured run (the first ones; null: every
+    #: replay). A graph goes stale on later replays, so more than the first is checked.
+    check_captures_replays: int | None = 3
+    #: a replay that differs: drop the graph (it runs uncaptured) or fail the run
+    check_captures_on_mismatch: CheckAction = CheckAction.drop
 
     def __post_init__(self) -> None:
         if not self.check_captures_atol >= 0:
             raise ValueError("runtime.check_captures_atol must be >= 0, got "
                              f"{self.check_captures_atol}")
+        if self.check_captures_replays is not None and self.check_captures_replays < 1:
+            raise ValueError("runtime.check_captures_replays must be >= 1 (or null: every "
+                             f"replay), got {self.check_captures_replays}")
         sizes = list(self.cudagraph_capture_sizes)
         if not sizes:
             raise ValueError("runtime.cudagraph_capture_sizes is empty: give at least one size, "
@@ -205,14 +215,24 @@ def validate(cfg: DictConfig) -> PassManager:
     typed(cfg)
     check_builder(cfg.model)
     check_model(cfg.model)
-    if cfg.runtime.backend == Backend.cuda.value and not paddle.is_compiled_with_cuda():
-        raise ConfigError("runtime.backend=cuda needs a CUDA build of Paddle (paddlepaddle-gpu "
-                          "3.3); this Paddle is CPU-only: use runtime=cpu (the replay emulator)")
+    check_backend(str(cfg.runtime.backend))
     if cfg.runtime.device == Device.gpu.value and not paddle.is_compiled_with_cuda():
         raise ConfigError("runtime.device=gpu needs a CUDA build of Paddle (paddlepaddle-gpu "
-                          "3.3); this Paddle is CPU-only: use runtime=cpu")
-    if cfg.runtime.backend == Backend.cuda.value and cfg.runtime.device != Device.gpu.value:
+                          "3.3); this Paddle is CPU-only: use runtime=cpu, or runtime=torch_cuda "
+                          "(Paddle plans on the CPU, PyTorch runs the plan on the GPU)")
+    if cfg.runtime.backend == "cuda" and cfg.runtime.device != Device.gpu.value:
         raise ConfigError("runtime.backend=cuda captures CUDA graphs of a model on the GPU: set "
                           "runtime.device=gpu too (runtime=gpu sets both)")
     return PassManager.from_config(list(cfg.pipeline.passes), cfg.pipeline.options,
                                    verify_each=cfg.verify_each)
+
+
+def capture_check(runtime: Any) -> CaptureCheck | None:
+    """The checked-capture policy of a ``runtime`` node (None: ``check_captures=false``)."""
+    if not runtime.check_captures:
+        return None
+    replays = runtime.check_captures_replays
+    return CaptureCheck(atol=float(runtime.check_captures_atol),
+                        replays=None if replays is None else int(replays),
+                        on_mismatch=str(getattr(runtime.check_captures_on_mismatch, "value",
+                                                runtime.check_captures_on_mismatch)))

@@ -34,7 +34,7 @@ from graphopt.cache import (
     recorded_replay,
     write_entry,
 )
-from graphopt.config import validate
+from graphopt.config import capture_check, validate
 from graphopt.errors import ConfigError, VerificationError, one_line
 from graphopt.ir.model_program import ModelProgram
 from graphopt.ir.trace import trace_step
@@ -93,7 +93,8 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
         pool = RunnerPool(mp.params)
         with phase("verify", "(numerics vs eager)"), _timed(timings, "verify"):
             numerics = check_numerics(mp, rng, pool,
-                                      int(cfg.verify.get("whole_program_max_ops", 4000)))
+                                      int(cfg.verify.get("whole_program_max_ops", 4000)),
+                                      backend=str(cfg.runtime.backend))
             hazards_after = ([h.to_dict() for h in hazards_of(mp)] if mp.program is not None
                              else None)
         settings = _replay_settings(cfg)
@@ -107,7 +108,10 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
         else:
             with phase("replay", f"({cfg.verify.steps} steps)"), _timed(timings, "replay"):
                 replay = check_replay(
-                    mp, rng, **{k: v for k, v in settings.items() if k != "device"}, pool=pool)
+                    mp, rng, backend=settings["backend"], steps=settings["steps"],
+                    capture_sizes=settings["capture_sizes"],
+                    num_warmups=settings["num_warmups"], atol=settings["atol"],
+                    check=capture_check(cfg.runtime), pool=pool)
             if entry_dir is not None:  # for later hits with the same settings
                 record_replay(entry_dir, settings, replay.to_dict(),
                               f"the run of {time.strftime('%Y-%m-%dT%H:%M:%S%z')} ({run_dir})")
@@ -256,6 +260,9 @@ def _replay_settings(cfg: DictConfig) -> dict[str, Any]:
         "atol": float(cfg.verify.replay_atol),
         "check_captures": bool(cfg.runtime.check_captures),
         "check_atol": float(cfg.runtime.check_captures_atol),
+        "check_replays": cfg.runtime.check_captures_replays,
+        "check_on_mismatch": str(getattr(cfg.runtime.check_captures_on_mismatch, "value",
+                                         cfg.runtime.check_captures_on_mismatch)),
         "device": str(getattr(cfg.runtime.device, "value", cfg.runtime.device)),
     }
 

@@ -4,7 +4,8 @@ What the command line does with them: :class:`ConfigError` (bad user input) is o
 exit 2; :class:`PassError` and :class:`TraceError` (a pass or the trace could not do its job)
 are one line and exit 1, or exit 2 when caused by a ConfigError; :class:`VerificationError`
 (the optimized step computes something else than the eager model) and :class:`DispatchError`
-(a step no specialised variant serves) are one line and exit 1.
+(a step no specialised variant serves) and :class:`CaptureCheckError` (a replayed graph differs
+from its segment run uncaptured) are one line and exit 1.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ class TraceError(GraphoptError):
     """Tracing the model failed or produced something graphopt cannot use."""
 
 
+class LoweringError(GraphoptError):
+    """A program cannot be lowered to PyTorch: an op has no lowering (the message names the op,
+    where the model builds it, and the backend that needed it)."""
+
+
 class VerificationError(GraphoptError):
     """The optimized program does not compute what the eager model computes."""
 
@@ -33,6 +39,16 @@ class VerificationError(GraphoptError):
 class DispatchError(GraphoptError):
     """The runtime has no program for a step: no specialised variant serves its branch
     conditions (refused rather than run with a wrong branch)."""
+
+
+class CaptureCheckError(GraphoptError):
+    """A checked capture found a replayed graph that differs from an uncaptured run of its
+    segment, and ``runtime.check_captures_on_mismatch=fail`` asked to stop rather than drop it."""
+
+
+class CaptureError(GraphoptError):
+    """A segment could not be captured as a graph (e.g. it syncs with the host while
+    capturing): names the segment, its source location and the backend."""
 
 
 def one_line(error: BaseException, limit: int = 0) -> str:

@@ -1,6 +1,8 @@
 """Check an optimized ModelProgram against the eager model it came from.
 
-Two checks, both on random steps whose host values change from step to step (a check that
+"Eager" is the model as its authors wrote it: every reference step runs with graphopt's source
+patches undone (:meth:`ModelBundle.reference_step`), never graphopt's own rewrite of the model,
+which would compare the rewrite with itself. Two checks, both on random steps whose host values change from step to step (a check that
 compares one step per trace cannot see a program that reads stale host values):
 
 * numerics: one prefill, one decode and one mixed step, optimized (uncaptured) vs eager, on the
@@ -28,6 +30,8 @@ from graphopt.ir.pir_utils import op_count, program_text
 from graphopt.models.base import BATCH_KINDS
 from graphopt.passes.base import Pass, PassResult, Stage
 from graphopt.passes.instruments import PassInstrument
+from graphopt.runtime.backend import get_backend
+from graphopt.runtime.capture import CaptureCheck
 from graphopt.runtime.executor import RunnerPool
 from graphopt.runtime.step import StepExecutor, WholeProgramStep
 from graphopt.runtime.variants import VariantStepExecutor
@@ -58,6 +62,8 @@ def max_abs_err(a: list[Any], b: list[Any]) -> float:
 def _array(x: Any) -> np.ndarray:
     if isinstance(x, paddle.Tensor):
         x = x.numpy()
+    elif hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, maybe on a GPU
+        x = x.detach().cpu().numpy()
     return np.asarray(x, dtype=np.float64)
 
 
@@ -73,29 +79,36 @@ class Numerics:
     dispatched: dict[str, str] = field(default_factory=dict)
     #: why the unsplit program was not compared (None: it was, or there is none)
     whole_program_skipped: str | None = None
+    #: what the optimized step was compared with (ModelBundle.reference_description)
+    reference: str = ""
 
 
 def check_numerics(mp: ModelProgram, rng: np.random.Generator,
-                   pool: RunnerPool | None = None, whole_program_max_ops: int = 4000
-                   ) -> Numerics:
+                   pool: RunnerPool | None = None, whole_program_max_ops: int = 4000,
+                   backend: str = "none") -> Numerics:
     """One step of each kind, optimized vs eager, on the same cache state.
+
+    What runs is run uncaptured through `backend` (``runtime.backend``: Paddle for ``none``,
+    ``emulator`` and ``cuda``, the PyTorch lowering for ``torch_*``).
 
     With a segment plan, the segments are what runs and what is checked; the unsplit program is
     checked too when it has at most `whole_program_max_ops` ops (it is what the plan was cut
     from, and compiling it as one block grows faster than its size). `pool` shares compiled
     programs with the other checks (the replay reuses every segment runner built here)."""
     bundle = mp.model
-    out = Numerics()
+    out = Numerics(reference=bundle.reference_description())
     step = None
     whole = False
     if mp.segments is not None:
+        on = "" if get_backend(backend).name in PADDLE_BACKENDS else f", {backend}"
         if mp.variants:
-            step = VariantStepExecutor(mp, backend="none", capture_sizes=[1], num_warmups=0,
-                                       pool=pool)
-            out.ran = "variants (uncaptured)"
+            step = VariantStepExecutor(mp, backend=backend, capture_sizes=[1], num_warmups=0,
+                                       pool=pool, capture=False)
+            out.ran = f"variants (uncaptured{on})"
         else:
-            step = StepExecutor(mp, backend="none", capture_sizes=[1], num_warmups=0, pool=pool)
-            out.ran = "segments (uncaptured)"
+            step = StepExecutor(mp, backend=backend, capture_sizes=[1], num_warmups=0,
+                                pool=pool, capture=False)
+            out.ran = f"segments (uncaptured{on})"
         ops = op_count(mp.program)
         whole = ops <= whole_program_max_ops
         if not whole:
@@ -103,13 +116,14 @@ def check_numerics(mp: ModelProgram, rng: np.random.Generator,
                 f"the unsplit program has {ops} ops > verify.whole_program_max_ops="
                 f"{whole_program_max_ops}; what runs was checked")
     elif mp.program is not None:
-        step = WholeProgramStep(mp, pool)
-        out.ran = "whole program"
+        step = WholeProgramStep(mp, pool, backend)
+        out.ran = "whole program" + ("" if get_backend(backend).name in PADDLE_BACKENDS
+                                     else f" ({backend})")
     else:
         out.ran = f"SOT's {mp.trace.subgraphs} graphs"
     for kind in BATCH_KINDS:
         batch = bundle.random_batch(rng, kind)
-        eager = bundle.step(batch, commit=False)
+        eager = bundle.reference_step(batch)
         if step is None:
             with paddle.no_grad():
                 got = [o.numpy() for o in _flat(mp.sot_step(*batch.args, batch.meta))]
@@ -122,6 +136,10 @@ def check_numerics(mp: ModelProgram, rng: np.random.Generator,
         out.optimized[kind] = max_abs_err(got, eager)
         bundle.commit_state(eager[1:])
     return out
+
+
+#: backends whose uncaptured runs are Paddle's own run_program
+PADDLE_BACKENDS = ("none", "emulator", "cuda")
 
 
 def _flat(outs: Any) -> list[Any]:
@@ -144,6 +162,8 @@ class Replay:
     #: set when this is not this run's check but the one the run that made the cache entry
     #: recorded (same program, plan, weights, seed and replay settings): says which run
     recorded: str | None = None
+    #: what each replayed step was compared with (ModelBundle.reference_description)
+    reference: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in vars(self).items() if v is not None}
@@ -158,32 +178,35 @@ class Replay:
 
 def check_replay(mp: ModelProgram, rng: np.random.Generator, *, backend: str, steps: int,
                  capture_sizes: list[int], num_warmups: int, atol: float,
-                 check_captures: bool = False, check_atol: float = 1e-4,
+                 check: CaptureCheck | None = None,
                  pool: RunnerPool | None = None) -> Replay:
     """`steps` random steps of mixed kinds through the capture backend, each vs eager.
 
     With variants, each step is dispatched to its variant (one graph per (variant, size));
-    with `check_captures`, each new graph is checked against an uncaptured run first.
+    with `check` (``runtime.check_captures``), replays are compared with uncaptured runs of
+    their segments (see CaptureCheck).
     """
-    out = Replay(backend=backend, atol=atol)
+    out = Replay(backend=backend, atol=atol, reference=mp.model.reference_description())
     if mp.segments is None or any(v.segments is None for v in mp.variants):
         out.skipped = ("the step is several SOT graphs: nothing to capture" if mp.program is None
                        else "no segment plan: piecewise-split is not in the pipeline")
         return out
-    if backend == "none" or not steps:
-        out.skipped = "runtime.backend=none" if backend == "none" else "verify.steps=0"
+    if not steps:
+        out.skipped = "verify.steps=0"
+        return out
+    if not get_backend(backend).captures:
+        out.skipped = f"runtime.backend={backend} captures nothing"
         return out
     runner = VariantStepExecutor if mp.variants else StepExecutor
     executor = runner(mp, backend=backend, capture_sizes=capture_sizes,
-                      num_warmups=num_warmups, check_captures=check_captures,
-                      check_atol=check_atol, pool=pool)
+                      num_warmups=num_warmups, check_captures=check, pool=pool)
     kinds = [BATCH_KINDS[i % len(BATCH_KINDS)] for i in range(steps)]
     rng.shuffle(kinds)
     errs = []
     bundle = mp.model
     for kind in kinds:
         batch = bundle.random_batch(rng, kind)
-        eager = bundle.step(batch, commit=False)
+        eager = bundle.reference_step(batch)
         errs.append(max_abs_err(executor.run(batch), eager))
         bundle.commit_state(eager[1:])
     out.steps = len(errs)
@@ -209,6 +232,9 @@ class BisectResult:
     #: files with the IR just before and just after the culprit, relative to the run dir
     ir_before: str | None = None
     ir_after: str | None = None
+    #: source passes that changed the model's code before the trace (suspects when the traced
+    #: program already differs from the model as written)
+    source_passes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for report.json."""
@@ -220,7 +246,11 @@ class BisectResult:
             return ("bisect: every program pass left the numerics equal to eager (uncaptured)"
                     + (f"; {replay_note}" if replay_note else ""))
         if self.culprit == "trace":
-            return "bisect: the traced program already differs from eager, before any pass"
+            suspects = (f"; the source pass(es) {', '.join(self.source_passes)} rewrote the "
+                        "model's code before the trace: the rewrite is the suspect"
+                        if self.source_passes else "")
+            return ("bisect: the traced program already differs from the model as written, "
+                    "before any program pass" + suspects)
         at = [c for c in self.checks if c.get("after") == self.culprit]
         err = max(at[0]["errors"].values()) if at else float("nan")
         return (f"bisect: pass '{self.culprit}' is the first to make the step differ from eager "
@@ -245,7 +275,7 @@ def step_errors(mp: ModelProgram, seed: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for kind in BATCH_KINDS:
         batch = bundle.random_batch(rng, kind)
-        eager = bundle.step(batch, commit=False)
+        eager = bundle.reference_step(batch)
         out[kind] = max(max_abs_err(r.run(batch), eager) for r in runners)
     return out
 
@@ -277,6 +307,8 @@ class NumericsInstrument(PassInstrument):
         self._before = program_text(mp.program)
 
     def after_pass(self, pass_: Pass, mp: ModelProgram, index: int, result: PassResult) -> None:
+        if pass_.stage is Stage.SOURCE and result.modified:
+            self.result.source_passes.append(pass_.name)
         if pass_.stage is not Stage.PROGRAM or mp.program is None:
             return
         bad = self._check(pass_.name, mp)

@@ -169,13 +169,13 @@ def time_steps(cfg: DictConfig, bench: Any) -> dict[str, Any]:
         pool = RunnerPool(mp.params)
         whole = WholeProgramStep(mp, pool)
         piecewise = StepExecutor(mp, backend="none", capture_sizes=[1], num_warmups=0, pool=pool)
-        replay = StepExecutor(mp, backend=str(cfg.runtime.backend.value),
+        replay = StepExecutor(mp, backend=str(cfg.runtime.backend),
                               capture_sizes=list(cfg.runtime.cudagraph_capture_sizes),
                               num_warmups=int(cfg.runtime.cudagraph_num_of_warmups), pool=pool)
         sot_fn = mp.sot_step
 
-        def eager(b):
-            with paddle.no_grad():
+        def eager(b):  # the model as its authors wrote it, not graphopt's rewrite of it
+            with paddle.no_grad(), bundle.as_written():
                 return bundle.layer(*b.args, b.meta)
 
         def sot(b):
@@ -187,7 +187,7 @@ def time_steps(cfg: DictConfig, bench: Any) -> dict[str, Any]:
         if mp.variants:
             fns["variant"] = VariantStepExecutor(mp, backend="none", pool=pool).run
             fns["variant_replay"] = VariantStepExecutor(
-                mp, backend=cfg.runtime.backend.value,
+                mp, backend=str(cfg.runtime.backend),
                 capture_sizes=list(cfg.runtime.cudagraph_capture_sizes),
                 num_warmups=int(cfg.runtime.cudagraph_num_of_warmups), pool=pool).run
         modes = list(fns)

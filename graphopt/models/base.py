@@ -17,8 +17,9 @@ Hydra config node. The bundle is everything the pipeline needs from a model:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,9 @@ class ModelBundle:
     config: Any = None
     #: where the config and weights came from (path + sha256, or how they were made): report.json
     provenance: dict[str, Any] = field(default_factory=dict)
-    #: (owner object, attribute name, original value), in the order patches were applied.
-    _patches: list[tuple[Any, str, Any]] = field(default_factory=list)
+    #: (owner object, attribute name, original value, patched value), in the order patches
+    #: were applied.
+    _patches: list[tuple[Any, str, Any, Any]] = field(default_factory=list)
 
     # -- eager execution ------------------------------------------------------------------
     def step(self, batch: StepBatch, commit: bool = True) -> list[np.ndarray]:
@@ -78,6 +80,25 @@ class ModelBundle:
         if commit:
             self.commit_state(outs[1:])
         return [o.numpy() for o in outs]
+
+    def reference_step(self, batch: StepBatch, commit: bool = False) -> list[np.ndarray]:
+        """:meth:`step` of the model as its authors wrote it: every source patch (marked or
+        rewritten functions) is undone for the run and put back after it.
+
+        This is what "vs eager" means in verification: comparing with the patched model would
+        compare graphopt's rewrite with itself, and a bug in the rewrite would verify.
+        """
+        with self.as_written():
+            return self.step(batch, commit)
+
+    def reference_description(self) -> str:
+        """What :meth:`reference_step` runs, in words (report.json names the reference)."""
+        n = len(self._patches)
+        if not n:
+            return "the model as written (eager, no function of it was patched)"
+        owners = sorted({f"{_owner_name(o)}.{a}" for o, a, _, _ in self._patches})
+        return (f"the model as written (eager; {n} source patch(es) undone for each reference "
+                f"step: {', '.join(owners)})")
 
     def commit_state(self, new_state: list[Any]) -> None:
         """Copy updated state into the meta's tensors in place (identity is kept for SOT)."""
@@ -93,7 +114,7 @@ class ModelBundle:
         # base class's (a classmethod fetched with getattr would come back bound to the base)
         original = owner.__dict__.get(attr, _INHERITED) if hasattr(owner, "__dict__") else \
             getattr(owner, attr)
-        self._patches.append((owner, attr, original))
+        self._patches.append((owner, attr, original, new))
         setattr(owner, attr, new)
 
     def patch_checkpoint(self) -> int:
@@ -102,11 +123,34 @@ class ModelBundle:
     def restore_patches(self, checkpoint: int = 0) -> None:
         """Undo the patches applied after `checkpoint`, newest first."""
         while len(self._patches) > checkpoint:
-            owner, attr, original = self._patches.pop()
-            if original is _INHERITED:
-                delattr(owner, attr)
-            else:
-                setattr(owner, attr, original)
+            owner, attr, original, _ = self._patches.pop()
+            _put_back(owner, attr, original)
+
+    @contextlib.contextmanager
+    def as_written(self) -> Iterator[None]:
+        """Undo every patch for the block, then apply them again (in their order).
+
+        The patches stay recorded, so rolling back a pass still works afterwards.
+        """
+        patches = list(self._patches)
+        for owner, attr, original, _ in reversed(patches):
+            _put_back(owner, attr, original)
+        try:
+            yield
+        finally:
+            for owner, attr, _, new in patches:
+                setattr(owner, attr, new)
+
+
+def _put_back(owner: Any, attr: str, original: Any) -> None:
+    if original is _INHERITED:
+        delattr(owner, attr)
+    else:
+        setattr(owner, attr, original)
+
+
+def _owner_name(owner: Any) -> str:
+    return getattr(owner, "__qualname__", None) or type(owner).__qualname__
 
 
 def file_provenance(path: str | Path) -> dict[str, Any]:

@@ -96,7 +96,7 @@ def patches_text(mp: ModelProgram) -> str:
     if not patches:
         return "(no patches applied)\n"
     lines = []
-    for owner, attr, original in patches:
+    for owner, attr, original, _ in patches:
         current = getattr(owner, attr, None)
         # Decorators copy the qualname of what they wrap, so say so or both sides read the same.
         if current is original:  # e.g. paddle.jit.marker.* tag the function itself

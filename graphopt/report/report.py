@@ -67,6 +67,9 @@ class Report:
     verify_message: str
     #: with variants: the variant (or "general") each numerics batch kind was dispatched to
     numerics_dispatched: dict[str, str] = field(default_factory=dict)
+    #: what "eager" is in every comparison: the model as written, with graphopt's source
+    #: patches undone for each reference step (never graphopt's own rewrite of it)
+    numerics_reference: str = ""
     #: specialize-branches' variants (None: not specialised): name, label, conditions, kinds,
     #: ops, segments, captured_graphs, dispatch counts per size, dropped graphs
     variants: list[dict[str, Any]] | None = None
@@ -152,6 +155,7 @@ def build_report(cfg: Any, pipeline: dict[str, Any], mp: ModelProgram,
         warnings=warnings,
         verified=True,
         verify_message="ok",
+        numerics_reference=numerics.reference,
     )
     sizes = [int(x) for x in cfg.runtime.cudagraph_capture_sizes]
     report.capture_plan = capture_plan(mp, sizes, replay)
@@ -160,18 +164,21 @@ def build_report(cfg: Any, pipeline: dict[str, Any], mp: ModelProgram,
         report.numerics_dispatched = dict(numerics.dispatched)
         report.variants = variant_entries(mp, replay)
     bad = [k for k, v in numerics.optimized.items() if not v <= atol]
-    if replay.mismatches:
+    replayed = (f"{replay.mismatches}/{replay.steps} replayed steps differ from eager "
+                f"(max abs err {replay.max_abs_err:.3g} > {replay.atol:g})")
+    if bad:  # uncaptured already: the cause is not replay, say that first
+        rewritten = [m.qualname for m in mp.marked if m.rewrites]
         report.verified = False
         report.verify_message = (
-            f"{replay.mismatches}/{replay.steps} replayed steps differ from eager "
-            f"(max abs err {replay.max_abs_err:.3g} > {replay.atol:g}); replay hazards left: "
-            f"{report.hazards['after']}"
-        )
-    elif bad:
+            "optimized step differs from eager (the model as written) uncaptured, on "
+            + ", ".join(f"{k} (max abs err {numerics.optimized[k]:.3g})" for k in bad)
+            + (f"; also {replayed}" if replay.mismatches else "")
+            + (f"; traced after graphopt rewrote {', '.join(rewritten)} in memory "
+               "(verify.bisect=true names the pass)" if rewritten else ""))
+    elif replay.mismatches:
         report.verified = False
-        report.verify_message = "optimized step differs from eager on " + ", ".join(
-            f"{k} (max abs err {numerics.optimized[k]:.3g})" for k in bad
-        )
+        report.verify_message = (
+            f"{replayed}; replay hazards left: {report.hazards['after']}")
     return report
 
 
@@ -347,6 +354,8 @@ def summary(r: Report, verdict: bool = True) -> str:
                      f"capture coverage {seg['coverage']:.4f}")
     num = ", ".join(f"{k} {v:.1e}" for k, v in r.numerics.items())
     lines.append(f"numerics vs eager (max abs err, {r.numerics_ran}): {num}")
+    if r.numerics_reference:
+        lines.append(f"eager reference: {r.numerics_reference}")
     if r.numerics_whole_program_skipped:
         lines.append(f"unsplit program not compared: {r.numerics_whole_program_skipped}")
     rp = r.replay
@@ -360,8 +369,9 @@ def summary(r: Report, verdict: bool = True) -> str:
         lines.append(f"replay: skipped ({rp['skipped']})")
     for d in rp.get("stats", {}).get("dropped_graphs", []):
         where = f"{d['target']} " if "target" in d else ""
+        on = f" on replay {d['replay']}" if "replay" in d else ""
         lines.append(f"checked capture dropped: {where}segment {d['segment']} at size "
-                     f"{d['size']} (max abs err {d['max_abs_err']:.3g}); it runs uncaptured")
+                     f"{d['size']}{on} (max abs err {d['max_abs_err']:.3g}); it runs uncaptured")
     lines.extend(f"warning: {w}" for w in r.warnings)
     if verdict or r.verified:
         lines.append("verified" if r.verified else "VERIFY FAILED: " + r.verify_message)
