@@ -57,8 +57,9 @@ def load(
 ) -> StepExecutor | VariantStepExecutor:
     """A ready step executor for the optimized step saved at `source` (see module docstring).
 
-    ``backend`` is the capture backend (``emulator`` on CPU, ``cuda`` on a CUDA build, ``none``
-    to run segments uncaptured). A step optimized with specialize-branches comes back as a
+    ``backend`` is a registered execution backend (``emulator`` on CPU, ``torch_cuda`` on a GPU
+    with PyTorch, ``none`` or ``torch_cpu`` to run segments uncaptured, ``cuda`` on a CUDA build
+    of Paddle). A step optimized with specialize-branches comes back as a
     :class:`VariantStepExecutor` (one if-free variant per branch combination, the general plan
     for the rest), as the run that saved it verified. A step saved without a segment plan
     raises: use :func:`load_whole` for it.

@@ -21,8 +21,9 @@ import pytest
 from graphopt.errors import ConfigError
 from graphopt.ir.segment_plan import CAPTURED
 from graphopt.passes.registry import get_pass
-from graphopt.runtime.capture import CaptureManager, EmulatorBackend
+from graphopt.runtime.capture import CaptureManager
 from graphopt.runtime.executor import RunnerPool
+from graphopt.runtime.paddle_backends import EmulatorBackend
 from graphopt.runtime.step import NO_PLAN, StepExecutor
 from tests import programs as P
 
@@ -166,8 +167,9 @@ def test_backend_errors():
     if not P.paddle.is_compiled_with_cuda():  # one clear line instead of a CUDA crash
         with pytest.raises(ConfigError, match="CUDA build of Paddle"):
             StepExecutor(mp, "cuda", SIZES, 1)
-    with pytest.raises(ConfigError, match="unknown runtime backend"):
-        StepExecutor(mp, "tpu", SIZES, 1)
+    with pytest.raises(ConfigError, match=r"runtime.backend=emulatr: unknown backend\. Did "
+                       r"you mean 'emulator'\? Choose one of .*none.*torch_cpu, torch_cuda"):
+        StepExecutor(mp, "emulatr", SIZES, 1)
     with pytest.raises(ConfigError, match="capture_sizes"):
         StepExecutor(mp, "emulator", [], 1)
 

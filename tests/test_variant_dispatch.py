@@ -1,6 +1,6 @@
 """Variant dispatch at run time: one graph per (variant, size), random steps of mixed kinds, the
 unbuilt-combination error, the hybrid's general program, the eager fallback above the largest
-size, and checked captures dropping a corrupted graph."""
+size, and checked captures catching graphs that go wrong on later replays."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ import paddle
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from graphopt.config import validate
-from graphopt.errors import ConfigError, DispatchError
+from graphopt.config import capture_check, validate
+from graphopt.errors import CaptureCheckError, ConfigError, DispatchError
 from graphopt.passes.manager import PassManager
-from graphopt.runtime.capture import EmulatorBackend, make_backend
+from graphopt.runtime.backend import make_backend
+from graphopt.runtime.capture import CaptureCheck
+from graphopt.runtime.paddle_backends import EmulatorBackend
 from graphopt.runtime.step import StepExecutor
 from graphopt.runtime.variants import GENERAL, NO_VARIANTS, VariantStepExecutor
 from tests import programs as P
@@ -158,58 +160,142 @@ def test_no_variants_is_a_config_error():
 
 
 # -- checked captures ---------------------------------------------------------------------------
+# A CUDA graph goes wrong on LATER replays (a stale input buffer, a frozen host value): the
+# test backends below break the 2nd/3rd/5th replay or an input copy, never the first replay.
 class CorruptingBackend(EmulatorBackend):
-    """The emulator, except that the first replay of the graph captured at `bad_size` adds
-    `delta` to its first output: a silently wrong captured graph."""
+    """The emulator, except that replays number `bad` (counted per graph, from 1) of graphs
+    captured at `bad_size` add `delta` to their first output: a silently wrong graph."""
 
-    def __init__(self, pool, bad_size: int, delta: float = 0.5) -> None:
+    def __init__(self, pool, bad_size: int, bad=(2,), delta: float = 0.5) -> None:
         super().__init__(pool)
-        self.bad_size, self.delta = bad_size, delta
-        self.corrupted: set[tuple[int, int]] = set()
+        self.bad_size, self.bad, self.delta = bad_size, set(bad), delta
+        self.replays: dict[tuple[int, int], int] = {}
 
     def replay(self, graph, feeds):
         outs = super().replay(graph, feeds)
         key = (graph.segment_id, graph.size)
-        if graph.size == self.bad_size and key not in self.corrupted:
-            self.corrupted.add(key)
+        n = self.replays[key] = self.replays.get(key, 0) + 1
+        if graph.size == self.bad_size and n in self.bad:
             outs[0] = outs[0] + self.delta
         return outs
 
 
-def _corrupting(bad_size: int):
+class StaleInputBackend(EmulatorBackend):
+    """The emulator, except that a replay never copies `arg.0`-derived feeds (the first feed of
+    each segment) into the graph's static buffer: the graph keeps reading its capture-time
+    input, as a GPU graph does when the copy into its static buffer is forgotten."""
+
+    def replay(self, graph, feeds):
+        first = next(iter(graph.static_inputs))
+        return super().replay(graph, {**feeds, first: graph.static_inputs[first]})
+
+
+def _factory(cls, **kw):
     def factory(name, pool):
-        return CorruptingBackend(pool, bad_size) if name == "emulator" else make_backend(
-            name, pool)
+        return cls(pool, **kw) if name == "emulator" else make_backend(name, pool)
     return factory
 
 
-@pytest.mark.parametrize("check", [True, False])
-def test_checked_captures_drop_a_corrupted_graph(check):
-    mp = _mp()
-    ex = VariantStepExecutor(mp, "emulator", SIZES, 0, check_captures=check, check_atol=1e-6,
-                             backend_factory=_corrupting(bad_size=4))
-    rng = np.random.default_rng(8)
+def _decode_steps(ex, sizes=(3, 4, 2, 3, 4, 4, 4, 4), seed=8) -> list[float]:
+    rng = np.random.default_rng(seed)
     meta = P.make_meta([1, 1, 0], rng)
-    errs = [_compare(ex, _step(rng, meta, "decode", t)) for t in (3, 4, 2, 3, 4)]
+    return [_compare(ex, _step(rng, meta, "decode", t)) for t in sizes]
+
+
+@pytest.mark.parametrize("bad", [(2,), (3,)])
+def test_checked_captures_catch_a_later_replay_gone_wrong(bad):
+    """Replays 2 and 3 of the size-4 graph are wrong: unchecked they are wrong steps; checked
+    (the default: the first 3 replays of each graph) the graph is dropped before any wrong
+    answer comes out, and its size runs uncaptured from then on."""
+    mp = _mp()
+    size4 = [i for i, t in enumerate((3, 4, 2, 3, 4, 4, 4, 4)) if t in (3, 4)]
+    unchecked = _decode_steps(VariantStepExecutor(
+        mp, "emulator", SIZES, 0, backend_factory=_factory(CorruptingBackend, bad_size=4,
+                                                           bad=bad)))
+    assert unchecked[size4[bad[0] - 1]] == pytest.approx(0.5)  # the corrupted replay
+    assert sum(e > 0 for e in unchecked) == 1
+    ex = VariantStepExecutor(mp, "emulator", SIZES, 0, check_captures=CaptureCheck(atol=1e-6),
+                             backend_factory=_factory(CorruptingBackend, bad_size=4, bad=bad))
+    assert _decode_steps(ex) == [0.0] * 8
     st = ex.stats()
-    if not check:  # the corrupted graph's first replay is a silently wrong step
-        assert errs[0] == pytest.approx(0.5) and st["dropped_graphs"] == []
-        return
-    assert errs == [0.0] * 5  # the bad graph never produced an answer
     (dropped,) = st["dropped_graphs"]
     assert dropped["target"] == "hoisted.0=0,hoisted.1=1" and dropped["size"] == 4
-    assert dropped["max_abs_err"] == pytest.approx(0.5)
+    assert dropped["replay"] == bad[0] and dropped["max_abs_err"] == pytest.approx(0.5)
     assert st["checked_graphs"] == 2  # sizes 4 (dropped) and 2 (kept)
-    assert st["uncaptured_runs"] == 3  # the later size-4 steps: uncaptured from then on
+    assert st["uncaptured_runs"] == len(size4) - bad[0]  # the size-4 steps after the drop
     t = st["targets"]["hoisted.0=0,hoisted.1=1"]
     assert t["graph_sizes"] == [2] and t["dropped_graphs"] == [dropped]
+
+
+def test_checking_every_replay_catches_what_the_sample_misses():
+    """Replay 5 goes wrong: the default sample (first 3 replays) lets it through, said so;
+    ``replays=None`` checks every replay and drops the graph."""
+    mp = _mp()
+    sample = VariantStepExecutor(mp, "emulator", SIZES, 0,
+                                 check_captures=CaptureCheck(atol=1e-6),
+                                 backend_factory=_factory(CorruptingBackend, bad_size=4, bad=(5,)))
+    errs = _decode_steps(sample)
+    assert max(errs) == pytest.approx(0.5) and sample.stats()["dropped_graphs"] == []
+    every = VariantStepExecutor(mp, "emulator", SIZES, 0,
+                                check_captures=CaptureCheck(atol=1e-6, replays=None),
+                                backend_factory=_factory(CorruptingBackend, bad_size=4, bad=(5,)))
+    assert _decode_steps(every) == [0.0] * 8
+    assert [d["replay"] for d in every.stats()["dropped_graphs"]] == [5]
+
+
+def test_checked_captures_catch_an_input_not_copied_into_its_static_buffer():
+    mp = _mp()
+    unchecked = _decode_steps(VariantStepExecutor(mp, "emulator", SIZES, 0,
+                                                  backend_factory=_factory(StaleInputBackend)))
+    assert max(unchecked) > 0.1  # stale inputs: wrong steps
+    ex = VariantStepExecutor(mp, "emulator", SIZES, 0, check_captures=CaptureCheck(atol=1e-6),
+                             backend_factory=_factory(StaleInputBackend))
+    assert _decode_steps(ex) == [0.0] * 8
+    dropped = ex.stats()["dropped_graphs"]
+    assert dropped and all(d["replay"] == 2 for d in dropped)  # the first replay with new input
+
+
+def test_checked_captures_can_fail_the_run_instead():
+    mp = _mp()
+    ex = VariantStepExecutor(mp, "emulator", SIZES, 0,
+                             check_captures=CaptureCheck(atol=1e-6, on_mismatch="fail"),
+                             backend_factory=_factory(CorruptingBackend, bad_size=4))
+    with pytest.raises(CaptureCheckError, match=r"segment \d+ .*at capture size 4 differs from an "
+                       r"uncaptured run of its segment on replay 2 \(max abs err 0\.5"):
+        _decode_steps(ex)
+
+
+def test_checked_captures_catch_the_seeds_frozen_host_value():
+    """Without hoisting, the captured segment computes the if's condition on the host: the
+    emulator freezes it, as a GPU graph would. Checked replays find every such graph (the
+    condition differs from the uncaptured run once the host values change) and the steps come
+    out right; unchecked, some take the wrong branch."""
+    mp = P.model_program(P.build_cond_program(hoisted=False), blacklist=["pd_op.if"])
+    PassManager.from_config(["piecewise-split"], {}).run(mp)
+    meta = P.make_meta([1, 1, 1], np.random.default_rng(4))
+    flags = [(1, 1), (0, 1), (1, 0), (1, 1), (0, 1), (1, 0)]
+
+    def errors(check):
+        ex = StepExecutor(mp, "emulator", SIZES, 0, check_captures=check)
+        rng, out = np.random.default_rng(4), []
+        for p, d in flags:  # the shared meta's host values change in place, step by step
+            b = P.make_batch(4, [4, p * 4, d * 4], rng, meta)
+            got, want = ex.run(b), ex.run_whole(b)
+            out.append(max(float(np.abs(np.asarray(a) - np.asarray(w)).max())
+                           for a, w in zip(got, want, strict=True)))
+        return out, ex.stats()
+
+    unchecked, _ = errors(None)
+    assert max(unchecked) > 0.1
+    checked, st = errors(CaptureCheck(atol=1e-6, replays=None))
+    assert checked == [0.0] * len(flags) and st["dropped_graphs"]
 
 
 def test_checked_captures_in_the_piecewise_runner():
     mp = P.model_program(P.build_cond_program(hoisted=True))
     PassManager.from_config(["piecewise-split"], {}).run(mp)
-    ex = StepExecutor(mp, "emulator", SIZES, 0, check_captures=True, check_atol=0.0)
-    ex.capture.backend = CorruptingBackend(ex.pool, bad_size=8)
+    ex = StepExecutor(mp, "emulator", SIZES, 0, check_captures=CaptureCheck(atol=0.0),
+                      backend_factory=_factory(CorruptingBackend, bad_size=8, bad=(1, 2, 3)))
     rng = np.random.default_rng(9)
     meta = P.make_meta([1, 1, 1], rng)
     for t in (6, 7):
@@ -225,7 +311,17 @@ def test_check_captures_is_a_typed_runtime_key():
     cfg = compose_cfg("model=tiny", "runtime.check_captures=true")
     validate(cfg)
     assert cfg.runtime.check_captures is True and cfg.runtime.check_captures_atol == 1e-4
+    assert capture_check(cfg.runtime) == CaptureCheck(1e-4, 3, "drop")
+    assert capture_check(compose_cfg("model=tiny", "runtime.check_captures=true",
+                                     "runtime.check_captures_replays=null",
+                                     "runtime.check_captures_on_mismatch=fail").runtime
+                         ) == CaptureCheck(1e-4, None, "fail")
+    assert capture_check(compose_cfg("model=tiny").runtime) is None
     with pytest.raises(ConfigError, match="check_captures_atol must be >= 0"):
         validate(compose_cfg("model=tiny", "runtime.check_captures_atol=-1"))
+    with pytest.raises(ConfigError, match="check_captures_replays must be >= 1"):
+        validate(compose_cfg("model=tiny", "runtime.check_captures_replays=0"))
+    with pytest.raises(ConfigCompositionException, match="check_captures_on_mismatch"):
+        compose_cfg("model=tiny", "runtime.check_captures_on_mismatch=ignore")
     with pytest.raises(ConfigCompositionException, match=r"runtime\.check_captures=maybe"):
         compose_cfg("model=tiny", "runtime.check_captures=maybe")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -194,6 +194,14 @@ class RunnerPool:
         self.params = tensor_params(params)
         self.feed_constants = feed_constants
         self._runners: dict[int, tuple[paddle.pir.Program, ProgramRunner]] = {}
+        self._memo: dict[Any, Any] = {}
+
+    def memo(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()``, computed once per pool and `key`: what every backend over this pool
+        shares (a torch backend's copy of the weights on its device, say)."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     def get(self, program: paddle.pir.Program) -> ProgramRunner:
         """The runner of `program` (made on first use; keyed by the program object)."""

@@ -20,11 +20,10 @@ tensors out: every program runs through ``run_program`` (:mod:`graphopt.runtime.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import paddle
 
 from graphopt.errors import ConfigError
@@ -32,34 +31,26 @@ from graphopt.ir.model_program import ModelProgram
 from graphopt.ir.pir_utils import data_ops
 from graphopt.ir.segment_plan import CAPTURED, Segment, SegmentPlan
 from graphopt.models.base import StepBatch, resolve_meta_field
-from graphopt.runtime.capture import (
-    BACKENDS,
-    DEFAULT_CAPTURE_SIZES,
-    CaptureManager,
-    make_backend,
-)
-from graphopt.runtime.executor import ProgramRunner, RunnerPool, as_tensor
+from graphopt.runtime.backend import Backend, BackendFactory, condition_value, make_backend
+from graphopt.runtime.capture import DEFAULT_CAPTURE_SIZES, CaptureCheck, CaptureManager
+from graphopt.runtime.executor import RunnerPool, as_tensor
+
+__all__ = ["NO_PLAN", "PreparedStep", "StepExecutor", "StepInputs", "WholeProgramStep",
+           "capture_check", "condition_value", "execute_segments", "run_plan"]
 
 #: why a step executor cannot run a ModelProgram without a plan (the runtime only executes)
 NO_PLAN = ("no segment plan: the runtime executes a plan a pass made; add piecewise-split to "
            "the pipeline (e.g. pipeline=cudagraph)")
 
 #: runs one segment: (segment, inputs by its feed names) -> its live-out values
-SegmentFn = Callable[[Segment, Mapping[str, paddle.Tensor]], list[paddle.Tensor]]
+SegmentFn = Callable[[Segment, Mapping[str, Any]], list[Any]]
 
 
-def condition_value(cond: Any) -> bool:
-    """The host-side truth of an ``if`` condition (a one-element bool tensor)."""
-    if cond is None:  # e.g. a fetch that produced nothing: never guess a branch
-        raise ValueError("if condition has no value")
-    if isinstance(cond, paddle.Tensor):
-        if math.prod(cond.shape) != 1:  # (Tensor.size goes through numpy: slow per step)
-            raise ValueError(f"if condition must have one element, got shape {list(cond.shape)}")
-        return bool(cond.item())
-    arr = np.asarray(cond)
-    if arr.dtype == object or arr.size != 1:
-        raise ValueError(f"if condition must have one element, got shape {list(arr.shape)}")
-    return bool(arr.reshape(-1)[0])
+def capture_check(check: CaptureCheck | bool | None) -> CaptureCheck | None:
+    """``check_captures`` as given to an executor: True means the default CaptureCheck."""
+    if check is True:
+        return CaptureCheck()
+    return check or None
 
 
 class _Env(dict):
@@ -86,18 +77,21 @@ def execute_segments(
     run_segment: SegmentFn,
     on_branch: Callable[[Segment, str], None] | None = None,
     release: Mapping[int, Sequence[str]] | None = None,
+    condition: Callable[[Any], bool] = condition_value,
 ) -> None:
-    """Run `segments` in order into `env` (eager ifs pick their branch from `env`).
+    """Run `segments` in order into `env` (eager ifs pick their branch from `env`, read on the
+    host by `condition`).
 
     `release` (:meth:`SegmentPlan.release_schedule`) names, per segment id, the values to drop
     from `env` once that segment has run.
     """
     for seg in segments:
         if seg.is_branching:
-            label = "true" if condition_value(env.get_value(seg.cond)) else "false"
+            label = "true" if condition(env.get_value(seg.cond)) else "false"
             if on_branch is not None:
                 on_branch(seg, label)
-            execute_segments(seg.branches[label], env, run_segment, on_branch, release)
+            execute_segments(seg.branches[label], env, run_segment, on_branch, release,
+                             condition)
             for res, src in zip(seg.results, seg.yields[label], strict=True):
                 env[res] = env.get_value(src)
         else:
@@ -132,93 +126,126 @@ def run_plan(
 
 class StepInputs:
     """The inputs of one step of a ModelProgram: the tensors the batch holds now (``arg.<i>``,
-    ``meta.<path>``), looked up afresh every step, and the host prologue's outputs
-    (``hoisted.<k>``), run every step."""
+    ``meta.<path>``), looked up afresh every step and moved into the backend's memory (host
+    inputs stay on the host), and the host prologue's outputs (``hoisted.<k>``), run every step.
+    """
 
-    def __init__(self, mp: ModelProgram, pool: RunnerPool | None = None) -> None:
+    def __init__(self, mp: ModelProgram, pool: RunnerPool | None = None,
+                 backend: Backend | None = None) -> None:
         if mp.program is None:
             raise ConfigError("no program to run: the step is several SOT graphs")
         self.mp = mp
         self.pool = pool if pool is not None else RunnerPool(mp.params)
-        self.params = self.pool.params
+        self.backend = backend if backend is not None else make_backend("none", self.pool)
+        self.params = self.backend.params
         names = list(data_ops(mp.program))
         if mp.prologue is not None:
             names += [n for n in data_ops(mp.prologue.program) if n not in names]
         hoisted = set(mp.prologue.outputs) if mp.prologue is not None else set()
         self.names = [n for n in names if n not in hoisted]
-        # where each input comes from, decided once: (name, arg index or meta path)
-        self._args: list[tuple[str, int]] = []
-        self._meta: list[tuple[str, str]] = []
+        host = set(mp.model.host_inputs) | {f"meta.{h}" for h in mp.model.host_inputs}
+        #: (name, shape, dtype) -> what the backend made of that input last step
+        self._staged: dict[tuple[str, tuple[int, ...], Any], Any] = {}
+        # where each input comes from, decided once: (name, arg index or meta path, host)
+        self._args: list[tuple[str, int, bool]] = []
+        self._meta: list[tuple[str, str, bool]] = []
         for name in self.names:
             head, _, rest = name.partition(".")
             if head == "arg":
-                self._args.append((name, int(rest)))
+                self._args.append((name, int(rest), name in host))
             elif head == "meta":
-                self._meta.append((name, rest))
+                self._meta.append((name, rest, name in host))
             elif name not in self.params:  # `const.<k>`: a model buffer, fed by the runners
                 raise ConfigError(f"program input {name!r} has no source: expected arg.<i>, "
                                   "meta.<field> or a hoisted.<k> fed by the host prologue")
 
-    def __call__(self, batch: StepBatch) -> dict[str, paddle.Tensor]:
-        feeds: dict[str, paddle.Tensor] = {name: as_tensor(batch.args[i])
-                                           for name, i in self._args}
-        for name, path in self._meta:
-            feeds[name] = as_tensor(resolve_meta_field(batch.meta, path))
+    def _stage(self, name: str, value: paddle.Tensor, host: bool) -> Any:
+        key = (name, tuple(value.shape), value.dtype)
+        staged = self.backend.from_step(value, host, self._staged.get(key))
+        self._staged[key] = staged
+        return staged
+
+    def __call__(self, batch: StepBatch) -> dict[str, Any]:
+        """The step's feeds. A backend may stage inputs in buffers it reuses from step to step
+        (see Backend.from_step): feeds are valid until this object makes the next step's."""
+        feeds: dict[str, Any] = {name: self._stage(name, as_tensor(batch.args[i]), h)
+                                 for name, i, h in self._args}
+        for name, path, h in self._meta:
+            feeds[name] = self._stage(name, as_tensor(resolve_meta_field(batch.meta, path)), h)
         prologue = self.mp.prologue
         if prologue is not None:
-            outs = self.pool.get(prologue.program).run(feeds)
+            outs = self.backend.run_program(prologue.program, feeds)
             feeds.update(zip(prologue.outputs, outs, strict=True))
         return feeds
 
 
 class WholeProgramStep:
-    """Runs the unsplit program of a ModelProgram, one ``run_program`` call per step (no
-    capture)."""
+    """Runs the unsplit program of a ModelProgram, one call per step (no capture): through
+    Paddle's ``run_program`` by default, or through `backend`."""
 
-    def __init__(self, mp: ModelProgram, pool: RunnerPool | None = None) -> None:
-        self.inputs = StepInputs(mp, pool)
-        self.runner: ProgramRunner = self.inputs.pool.get(mp.program)
+    def __init__(self, mp: ModelProgram, pool: RunnerPool | None = None,
+                 backend: str | Backend | None = None) -> None:
+        pool = pool if pool is not None else RunnerPool(mp.params)
+        self.backend = make_backend(backend or "none", pool)
+        self.inputs = StepInputs(mp, pool, self.backend)
+        self.program = mp.program
 
-    def run(self, batch: StepBatch) -> list[paddle.Tensor]:
-        return self.runner.run(self.inputs(batch))
+    def run(self, batch: StepBatch) -> list[Any]:
+        return self.execute(self.inputs(batch))
+
+    def execute(self, feeds: Mapping[str, Any]) -> list[Any]:
+        """Run on inputs already in the backend's memory (see :meth:`StepInputs.__call__`)."""
+        return self.backend.run_program(self.program, feeds)
+
+
+@dataclass
+class PreparedStep:
+    """A step's inputs in the backend's memory, padded to its capture size: what
+    :meth:`StepExecutor.execute` runs (a benchmark prepares once and times the execution)."""
+
+    feeds: dict[str, Any]
+    num_tokens: int
+    #: the capture size the batch was padded to (None: it runs uncaptured, unpadded)
+    size: int | None
 
 
 class StepExecutor:
     """Runs one decoder step of a segmented ModelProgram (see the module docstring).
 
-    ``backend``: ``emulator`` (CPU replay emulator), ``cuda`` (CUDA graphs; CUDA builds only) or
-    ``none`` (segments run uncaptured, no padding). ``check_captures``: compare each new graph
-    with an uncaptured run and drop it if it differs (see CaptureManager). ``stats()`` returns
-    the counters: graphs captured, replays, warm-up runs, eager fallbacks (+ reasons), steps,
-    eager segment runs.
+    ``backend``: a registered backend name (:func:`graphopt.runtime.backend.backend_names`:
+    ``emulator``, ``none``, ``torch_cpu``, ``torch_cuda``, ...) or a Backend. With a capturing
+    backend and ``capture`` (the default), captured segments become graphs per capture size;
+    otherwise every segment runs uncaptured and the batch is not padded. ``check_captures``
+    (a :class:`CaptureCheck`, or True for the default one) compares replays with uncaptured
+    runs. ``stats()`` returns the counters: graphs captured, replays, warm-up runs, eager
+    fallbacks (+ reasons), steps, eager segment runs.
     """
 
     def __init__(
         self,
         mp: ModelProgram,
-        backend: str = "emulator",
+        backend: str | Backend = "emulator",
         capture_sizes: Sequence[int] = DEFAULT_CAPTURE_SIZES,
         num_warmups: int = 1,
         pool: RunnerPool | None = None,
         *,
-        check_captures: bool = False,
-        check_atol: float = 1e-4,
+        check_captures: CaptureCheck | bool | None = None,
+        capture: bool = True,
+        backend_factory: BackendFactory = make_backend,
     ) -> None:
-        if backend not in BACKENDS:
-            raise ConfigError(f"unknown runtime backend {backend!r}: choose one of "
-                              f"{', '.join(BACKENDS)}")
         if mp.segments is None:
             raise ConfigError(NO_PLAN)
         self.mp = mp
-        self.backend_name = str(getattr(backend, "value", backend))
         self.plan: SegmentPlan = mp.segments
-        self.feeds = StepInputs(mp, pool)
-        self.pool = self.feeds.pool
-        self.params = self.pool.params
-        backend_obj = make_backend(backend, self.pool)
-        self.capture = (CaptureManager(backend_obj, list(capture_sizes), num_warmups,
-                                       check=check_captures, check_atol=check_atol)
-                        if backend_obj is not None else None)
+        pool = pool if pool is not None else RunnerPool(mp.params)
+        self.backend = backend_factory(backend, pool)
+        self.backend_name = self.backend.name
+        self.feeds = StepInputs(mp, pool, self.backend)
+        self.pool = pool
+        self.params = self.backend.params
+        self.capture = (CaptureManager(self.backend, list(capture_sizes), num_warmups,
+                                       check=capture_check(check_captures))
+                        if capture and self.backend.captures else None)
         self._release = self.plan.release_schedule()
         self._whole: WholeProgramStep | None = None
         self.steps = 0
@@ -226,52 +253,62 @@ class StepExecutor:
         self.branches_taken: dict[str, int] = {"true": 0, "false": 0}
 
     # -- running -------------------------------------------------------------------------------
-    def _run_eager(self, seg: Segment, feeds: Mapping[str, paddle.Tensor]
-                   ) -> list[paddle.Tensor]:
+    def _run_eager(self, seg: Segment, feeds: Mapping[str, Any]) -> list[Any]:
         self.eager_segment_runs += 1
-        return self.pool.get(seg.program).run(feeds)
+        return self.backend.run_program(seg.program, feeds)
 
     def _note_branch(self, seg: Segment, label: str) -> None:
         self.branches_taken[label] += 1
 
-    def run(self, batch: StepBatch) -> list[paddle.Tensor]:
+    def prepare(self, batch: StepBatch) -> PreparedStep:
+        """The step's inputs in the backend's memory, the batch padded to its capture size."""
+        num_tokens = batch.num_tokens
+        size = self.capture.size_for(num_tokens) if self.capture is not None else None
+        if self.capture is not None and size is None:
+            self.capture.note_fallback(
+                f"batch of {num_tokens} tokens exceeds the largest capture size "
+                f"{self.capture.sizes[-1]}"
+            )
+        padded = batch if size is None or size == num_tokens else \
+            self.mp.model.pad_batch(batch, size)
+        return PreparedStep(self.feeds(padded), num_tokens, size)
+
+    def run(self, batch: StepBatch) -> list[Any]:
         """One step: ``[logits, *new_state]`` with logits cut back to the batch's tokens.
 
         The new state is returned, not written back: commit it with
         ``mp.model.commit_state(outs[1:])`` when the step is real.
         """
-        self.steps += 1
-        num_tokens = batch.num_tokens
-        size = self.capture.size_for(num_tokens) if self.capture is not None else None
-        if self.capture is None or size is None:
-            if self.capture is not None:
-                self.capture.note_fallback(
-                    f"batch of {num_tokens} tokens exceeds the largest capture size "
-                    f"{self.capture.sizes[-1]}"
-                )
-            env = _Env(self.feeds(batch), self.params)
-            execute_segments(self.plan.segments, env, self._run_eager, self._note_branch,
-                             self._release)
-            return [env.get_value(k) for k in self.plan.outputs]
-        padded = batch if size == num_tokens else self.mp.model.pad_batch(batch, size)
-        env = _Env(self.feeds(padded), self.params)
+        return self.execute(self.prepare(batch))
 
-        def run_one(seg: Segment, seg_feeds: Mapping[str, paddle.Tensor]
-                    ) -> list[paddle.Tensor]:
+    def execute(self, step: PreparedStep) -> list[Any]:
+        """Run a prepared step (see :meth:`run`)."""
+        self.steps += 1
+        env = _Env(step.feeds, self.params)
+        size = step.size
+        if size is None:
+            execute_segments(self.plan.segments, env, self._run_eager, self._note_branch,
+                             self._release, self.backend.condition)
+            return [env.get_value(k) for k in self.plan.outputs]
+        capture = self.capture
+        assert capture is not None
+
+        def run_one(seg: Segment, seg_feeds: Mapping[str, Any]) -> list[Any]:
             if seg.kind == CAPTURED:
-                return self.capture.run(seg, size, seg_feeds)
+                return capture.run(seg, size, seg_feeds)
             return self._run_eager(seg, seg_feeds)
 
-        execute_segments(self.plan.segments, env, run_one, self._note_branch, self._release)
+        execute_segments(self.plan.segments, env, run_one, self._note_branch, self._release,
+                         self.backend.condition)
         outs = [env.get_value(k) for k in self.plan.outputs]
-        if outs:
-            outs[0] = outs[0][:num_tokens]  # logits rows; state tensors are full-size
+        if outs and size != step.num_tokens:
+            outs[0] = outs[0][:step.num_tokens]  # logits rows; state tensors are full-size
         return outs
 
-    def run_whole(self, batch: StepBatch) -> list[paddle.Tensor]:
+    def run_whole(self, batch: StepBatch) -> list[Any]:
         """Run the unsplit ``mp.program`` in one call (reference for comparisons)."""
         if self._whole is None:
-            self._whole = WholeProgramStep(self.mp, self.pool)
+            self._whole = WholeProgramStep(self.mp, self.pool, self.backend)
         return self._whole.run(batch)
 
     def stats(self) -> dict[str, Any]:

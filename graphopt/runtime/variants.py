@@ -25,7 +25,7 @@ are only unique within one plan.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,17 +35,22 @@ from graphopt.errors import ConfigError, DispatchError
 from graphopt.ir.model_program import ModelProgram, combination_name
 from graphopt.ir.segment_plan import CAPTURED, Segment, SegmentPlan
 from graphopt.models.base import StepBatch
+from graphopt.runtime.backend import Backend, BackendFactory, make_backend
 from graphopt.runtime.capture import (
-    BACKENDS,
     DEFAULT_CAPTURE_SIZES,
-    CaptureBackend,
+    CaptureCheck,
     CaptureManager,
     capture_size_for,
     check_capture_sizes,
-    make_backend,
 )
 from graphopt.runtime.executor import RunnerPool
-from graphopt.runtime.step import StepInputs, WholeProgramStep, _Env, execute_segments
+from graphopt.runtime.step import (
+    StepInputs,
+    WholeProgramStep,
+    _Env,
+    capture_check,
+    execute_segments,
+)
 
 #: dispatch name of the general program (the combinations no variant serves, hybrid only)
 GENERAL = "general"
@@ -53,8 +58,6 @@ GENERAL = "general"
 NO_VARIANTS = ("no specialised variants: the runtime executes what specialize-branches built; "
                "add it to the pipeline (e.g. pipeline=full_graph)")
 
-#: builds the capture backend of one target: (backend name, runner pool) -> backend or None
-BackendFactory = Callable[[str, RunnerPool], "CaptureBackend | None"]
 
 
 @dataclass
@@ -69,13 +72,25 @@ class _Target:
     release: dict[int, list[str]] | None = None
 
 
+@dataclass
+class PreparedVariantStep:
+    """A step's inputs in the backend's memory, padded, and the target that runs them."""
+
+    feeds: dict[str, Any]
+    num_tokens: int
+    size: int | None
+    target: _Target
+
+
 class VariantStepExecutor:
     """Runs decoder steps of a specialised ModelProgram (see the module docstring).
 
-    ``backend``: ``emulator`` (CPU replay emulator), ``cuda`` or ``none`` (uncaptured, no
-    padding; a variant without a plan then runs as one program). ``check_captures``: each new
-    graph is compared with an uncaptured run and dropped if it differs. ``backend_factory``
-    replaces :func:`make_backend` (tests inject a backend that corrupts a replay).
+    ``backend``: a registered backend name (``emulator``, ``none``, ``torch_cpu``,
+    ``torch_cuda``, ...). Without capture (a backend that does not capture, or
+    ``capture=False``) nothing is padded and a variant without a plan runs as one program.
+    ``check_captures``: replays are compared with uncaptured runs (see CaptureCheck).
+    ``backend_factory`` replaces :func:`make_backend` (tests inject a backend that corrupts a
+    replay).
     """
 
     def __init__(
@@ -86,32 +101,31 @@ class VariantStepExecutor:
         num_warmups: int = 1,
         pool: RunnerPool | None = None,
         *,
-        check_captures: bool = False,
-        check_atol: float = 1e-4,
+        check_captures: CaptureCheck | bool | None = None,
+        capture: bool = True,
         backend_factory: BackendFactory = make_backend,
     ) -> None:
-        backend = str(getattr(backend, "value", backend))
-        if backend not in BACKENDS:
-            raise ConfigError(f"unknown runtime backend {backend!r}: choose one of "
-                              f"{', '.join(BACKENDS)}")
         if not mp.variants or mp.specialization is None:
             raise ConfigError(NO_VARIANTS)
         self.mp = mp
         self.spec = mp.specialization
-        self.backend_name = backend
         self.sizes = check_capture_sizes(list(capture_sizes))
-        self.captured = backend != "none"
-        self.feeds = StepInputs(mp, pool)
-        self.pool = self.feeds.pool
+        self.pool = pool if pool is not None else RunnerPool(mp.params)
+        # the backend of the step's inputs and uncaptured runs; each target captures through
+        # its own, because segment ids are only unique within one plan
+        self.backend: Backend = backend_factory(backend, self.pool)
+        self.backend_name = self.backend.name
+        self.captured = capture and self.backend.captures
+        self.feeds = StepInputs(mp, self.pool, self.backend)
+        check = capture_check(check_captures)
 
         def target(name: str, program: Any, plan: SegmentPlan | None) -> _Target:
             if self.captured and plan is None:
                 raise ConfigError(f"{name}: no segment plan to capture; add piecewise-split "
                                   "to the pipeline (e.g. pipeline=full_graph)")
-            backend_obj = backend_factory(backend, self.pool) if self.captured else None
-            manager = (CaptureManager(backend_obj, self.sizes, num_warmups,
-                                      check=check_captures, check_atol=check_atol)
-                       if backend_obj is not None else None)
+            manager = (CaptureManager(backend_factory(backend, self.pool), self.sizes,
+                                      num_warmups, check=check)
+                       if self.captured else None)
             return _Target(name, program, plan, manager,
                            plan.release_schedule() if plan is not None else None)
 
@@ -164,14 +178,23 @@ class VariantStepExecutor:
         )
 
     # -- running ------------------------------------------------------------------------------
-    def run(self, batch: StepBatch) -> list[np.ndarray]:
-        """One step: ``[logits, *new_state]`` with logits cut back to the batch's tokens."""
+    def prepare(self, batch: StepBatch) -> PreparedVariantStep:
+        """The step's inputs in the backend's memory, padded to its capture size, and the
+        target its branch conditions select."""
         num_tokens = batch.num_tokens
         size = capture_size_for(self.sizes, num_tokens) if self.captured else None
         padded = (batch if size is None or size == num_tokens
                   else self.mp.model.pad_batch(batch, size))
         feeds = self.feeds(padded)
-        target = self.select(feeds, batch)
+        return PreparedVariantStep(feeds, num_tokens, size, self.select(feeds, batch))
+
+    def run(self, batch: StepBatch) -> list[Any]:
+        """One step: ``[logits, *new_state]`` with logits cut back to the batch's tokens."""
+        return self.execute(self.prepare(batch))
+
+    def execute(self, step: PreparedVariantStep) -> list[Any]:
+        """Run a prepared step (see :meth:`run`)."""
+        target, size, num_tokens = step.target, step.size, step.num_tokens
         self.steps += 1
         if self.captured and size is None:
             reason = (f"batch of {num_tokens} tokens exceeds the largest capture size "
@@ -180,30 +203,31 @@ class VariantStepExecutor:
             self.fallback_reasons[reason] += 1
         self.dispatch[(target.name, size)] += 1
         self.last_target = target.name
-        outs = self._run_target(target, feeds, size)
+        outs = self._run_target(target, step.feeds, size)
         if outs and size is not None and size != num_tokens:
             outs[0] = outs[0][:num_tokens]  # logits rows; state tensors are full-size
         return outs
 
-    def _run_target(self, target: _Target, feeds: Mapping[str, np.ndarray],
-                    size: int | None) -> list[np.ndarray]:
+    def _run_target(self, target: _Target, feeds: Mapping[str, Any],
+                    size: int | None) -> list[Any]:
         if target.plan is None:  # uncaptured and unplanned: the variant as one program
-            return self.pool.get(target.program).run(feeds)
+            return self.backend.run_program(target.program, feeds)
 
-        def run_one(seg: Segment, seg_feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        def run_one(seg: Segment, seg_feeds: Mapping[str, Any]) -> list[Any]:
             if seg.kind == CAPTURED and size is not None and target.manager is not None:
                 return target.manager.run(seg, size, seg_feeds)
             self.eager_segment_runs += 1
-            return self.pool.get(seg.program).run(seg_feeds)
+            return self.backend.run_program(seg.program, seg_feeds)
 
-        env = _Env(feeds, self.pool.params)
-        execute_segments(target.plan.segments, env, run_one, release=target.release)
+        env = _Env(feeds, self.backend.params)
+        execute_segments(target.plan.segments, env, run_one, release=target.release,
+                         condition=self.backend.condition)
         return [env.get_value(k) for k in target.plan.outputs]
 
-    def run_whole(self, batch: StepBatch) -> list[np.ndarray]:
+    def run_whole(self, batch: StepBatch) -> list[Any]:
         """Run the unspecialised ``mp.program`` (ifs and all): the reference for comparisons."""
         if self._whole is None:
-            self._whole = WholeProgramStep(self.mp, self.pool)
+            self._whole = WholeProgramStep(self.mp, self.pool, self.backend)
         return self._whole.run(batch)
 
     # -- counters -----------------------------------------------------------------------------
@@ -221,7 +245,7 @@ class VariantStepExecutor:
             if t.manager is not None:
                 st = t.manager.stats
                 for key in ("graphs_captured", "replays", "warmup_runs", "checked_graphs",
-                            "uncaptured_runs"):
+                            "checked_replays", "uncaptured_runs"):
                     totals[key] += getattr(st, key)
                 dropped.extend({"target": t.name, **d} for d in st.dropped_graphs)
                 entry["captured_graphs"] = len(t.manager.graphs)
@@ -238,6 +262,7 @@ class VariantStepExecutor:
             "replays": totals["replays"],
             "warmup_runs": totals["warmup_runs"],
             "checked_graphs": totals["checked_graphs"],
+            "checked_replays": totals["checked_replays"],
             "dropped_graphs": dropped,
             "uncaptured_runs": totals["uncaptured_runs"],
             "eager_fallbacks": sum(self.fallback_reasons.values()),
