@@ -275,12 +275,41 @@ def test_misshaped_tensor(checkpoint, tmp_path):
 
 
 def test_mtp_layer_tensors_are_skipped(checkpoint, tmp_path):
-    """DeepSeek-V3 checkpoints carry the MTP module as layer num_hidden_layers: not an error."""
+    """DeepSeek-V3 checkpoints carry the MTP module as layer num_hidden_layers: its tensors are
+    skipped (no error, loaded nowhere), every real tensor is loaded, and a wrong tensor of a
+    real layer still fails."""
+    _, logits, params = checkpoint
+    assert resolve_config(small_cfg()).hf["num_nextn_predict_layers"] == 1  # layer 2 is the MTP
+    tensors = load_file(str(checkpoint[0]))
+    q_a = "self_attn.q_a_proj.weight"
+    mtp = {  # the MTP module's own tensors, and decoder-block names under its index (as in V3)
+        "model.layers.2.eh_proj.weight": np.full([4, 4], 7.0, np.float32),
+        "model.layers.2.enorm.weight": np.full([4], 7.0, np.float32),
+        f"model.layers.2.{q_a}": np.full_like(tensors[f"model.layers.1.{q_a}"], 7.0),
+        "model.layers.2.mlp.experts.0.gate_proj.weight": np.full_like(
+            tensors["model.layers.1.mlp.experts.0.gate_proj.weight"], 7.0),
+    }
+    path = _broken(checkpoint, tmp_path, lambda t: t.update(mtp))
+    assert set(mtp) <= set(load_file(path))
 
-    def add_mtp(t):
-        t["model.layers.2.eh_proj.weight"] = np.zeros([4, 4], np.float32)
+    # seed 2: a parameter the checkpoint did not set would differ from the seed-1 checkpoint
+    loaded = build_model(small_cfg(seed=2, weights=path))
+    got = dict(loaded.layer.named_parameters())
+    assert set(got) == set(params)
+    for name, value in got.items():
+        np.testing.assert_array_equal(value.numpy(), params[name], err_msg=name)
+    assert not any((v.numpy() == 7.0).any() for v in got.values())  # no MTP value anywhere
+    np.testing.assert_array_equal(_step_logits(loaded), logits)
 
-    build_model(small_cfg(weights=_broken(checkpoint, tmp_path, add_mtp)))
+    # beside the MTP tensors, wrong tensors of the real layers (or past the MTP) still fail
+    wrong = {"model.layers.1.eh_proj.weight": np.zeros([4, 4], np.float32),
+             "model.layers.3.eh_proj.weight": np.zeros([4, 4], np.float32),
+             f"model.layers.1.{q_a}": np.ascontiguousarray(tensors[f"model.layers.1.{q_a}"].T)}
+    with pytest.raises(ConfigError, match=(
+            r"2 unexpected: model\.layers\.1\.eh_proj\.weight, model\.layers\.3\.eh_proj\.weight; "
+            rf"1 mis-shaped .*: model\.layers\.1\.{re.escape(q_a)} \[256, 64\] != \[64, 256\]$")):
+        build_model(small_cfg(weights=_broken(checkpoint, tmp_path,
+                                              lambda t: t.update({**mtp, **wrong}))))
 
 
 def test_bad_weights_path(tmp_path):

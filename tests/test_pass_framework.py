@@ -9,6 +9,7 @@ from typing import Literal
 os.environ.setdefault("GLOG_minloglevel", "2")
 
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -343,18 +344,33 @@ def test_source_passes_must_come_before_program_passes():
 # -- running -------------------------------------------------------------------------------------
 
 
-def test_run_records_and_stage_selection():
+def test_run_records_and_stage_selection(monkeypatch):
     mp = fh.make_mp()
     pm = pm_of("test-source-noop", "test-add-op", "test-noop")
     assert pm.run(mp, Stage.SOURCE) == [
         PassRecord("test-source-noop", False, pytest.approx(0, abs=1), {})
     ]
+    # test-add-op now takes at least `sleep`: its record must show it, and only its record
+    sleep, add_op = 0.05, fh.AddOp.run
+
+    def slow_add_op(self, mp):
+        time.sleep(sleep)
+        return add_op(self, mp)
+
+    monkeypatch.setattr(fh.AddOp, "run", slow_add_op)
+    t0 = time.perf_counter()
     records = pm.run(mp, "program")
+    wall = time.perf_counter() - t0
     assert [(r.name, r.modified, r.stats) for r in records] == [
         ("test-add-op", True, {"added": 1}),
         ("test-noop", False, {"looked_at": 1}),
     ]
-    assert all(r.time_s >= 0 for r in records)
+    # each pass's own run time, in seconds: the sleep is in the pass that slept, every pass
+    # took some time, and together they took no longer than the run around them
+    assert records[0].time_s >= sleep
+    assert records[1].time_s > 0
+    assert records[0].time_s + records[1].time_s <= wall
+    assert records[0].to_dict()["time_s"] == round(records[0].time_s, 6)
     assert records[0].to_dict()["name"] == "test-add-op"
     assert set(records[0].to_dict()) == {"name", "modified", "time_s", "stats"}
     assert "pd_op.tanh" in op_sequence(mp.program)

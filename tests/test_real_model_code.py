@@ -5,6 +5,8 @@ replay, every batch kind equal to eager."""
 from __future__ import annotations
 
 import hashlib
+import inspect
+import linecache
 import sys
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from graphopt.passes.manager import PassManager
 from tests import fastdeploy_models as fm
 from tests.conftest import compose_cfg
 from tests.filecheck import filecheck
+from tests.report_checks import assert_numerics_within
 
 MODEL_FILE = fm.__file__
 
@@ -47,8 +50,7 @@ def test_fastdeploy_shapes_through_the_flagship_pipeline(form, tmp_path):
     assert report["trace"]["placeholder_runs"] == 1 and report["trace"]["retraced"] is False
     assert report["hazards"]["after"] == 0
     assert report["replay"]["steps"] >= 20 and report["replay"]["mismatches"] == 0
-    assert all(v <= 1e-5 for v in report["numerics"].values()), report["numerics"]
-    assert set(report["numerics"]) == {"prefill", "decode", "mixed"}
+    assert_numerics_within(report)
     assert report["verified"] is True
     if form == "seed":  # hand-fixed: already one graph, conditions are host inputs
         assert report["graph_breaks"]["before"] == 0 and report["marked"] == []
@@ -57,9 +59,10 @@ def test_fastdeploy_shapes_through_the_flagship_pipeline(form, tmp_path):
         (marked,) = report["marked"]
         assert marked["function"] == f"tests.fastdeploy_models.{fm.FORMS[form].__name__}.forward"
         assert marked["location"].startswith("tests/fastdeploy_models.py:")
-        # hazards point at the user's lines, whatever the folder
-        assert all(h["location"].startswith("tests/fastdeploy_models.py:")
-                   for h in report["hazards"]["details_before"])
+        # hazards point at the user's lines, whatever the folder (every hazard counted has one)
+        details = report["hazards"]["details_before"]
+        assert len(details) == report["hazards"]["before"]
+        assert all(h["location"].startswith("tests/fastdeploy_models.py:") for h in details)
     if form in ("fd2025", "fd2026", "token_shape"):
         assert marked["rewrites"] and "paddle.shape(" in marked["rewrites"][0]
     # nothing edited on disk, nothing left patched in memory
@@ -94,17 +97,41 @@ def test_a_shape_graphopt_cannot_handle_is_one_line_and_patches_nothing(tmp_path
 
 def test_golden_text_of_the_rewritten_branch():
     """fd2025, one layer: `fmha_out = None` became zeros shaped at run time, yielded by the
-    prefill if's else-branch; the decode if then adds into it."""
+    prefill if's else-branch; the decode if then adds into it. Zeros, not just a placeholder: on
+    a decode-only step the original's `fmha_out` is the decode output alone and the rewrite's is
+    placeholder + decode output, so the rewritten function must equal the original there."""
     bundle = fm.build(form="fd2025", num_layers=1)
     mp = ModelProgram(model=bundle)
     mp.trace_batch = bundle.random_batch(np.random.default_rng(0), "mixed")
+
+    def steps():  # the same three steps each time (commit=False: the caches stay as they are)
+        return {kind: bundle.step(bundle.random_batch(np.random.default_rng(3), kind),
+                                  commit=False) for kind in ("prefill", "decode", "mixed")}
+
     try:
         PassManager.from_config(["capture-control-flow"], {}).run(mp)
+        rewritten_fn = inspect.getattr_static(fm.MLA2025, "forward")
+        rewritten = steps()  # eagerly, through the rewritten (and marked) forward
     finally:
         bundle.restore_patches(0)
+    # the generated source: zeros of the branch's shape and dtype, right before the Tensor if
+    fake = rewritten_fn.__code__.co_filename
+    assert fake.startswith("<graphopt rewrite of ") and fm.MLA2025.forward is not rewritten_fn
+    source = "".join(linecache.getlines(fake))
+    assert ("        fmha_out = None\n"
+            "        fmha_out = _graphopt_paddle.zeros([_graphopt_paddle.shape(hidden_states)[0], "
+            "16], dtype='float32')\n"
+            "        if forward_meta.max_len_tensor_cpu[1]:  # max_enc_len_this_time\n") in source
+    # numerically: the rewrite equals the original eagerly, on the decode-only step (`fmha_out`
+    # defined by the decode path only: the placeholder is what it adds into) as on the others
+    original = steps()
+    for kind, outs in rewritten.items():
+        for got, want in zip(outs, original[kind], strict=True):
+            np.testing.assert_array_equal(got, want, err_msg=kind)
     filecheck(program_text(mp.program), """
         CHECK: "pd_op.shape64"
-        CHECK: ([[Z:%[0-9]+]]) = "pd_op.full_with_tensor" ({{.*}}) {dtype:float32
+        CHECK: ([[F:%[0-9]+]]) = "pd_op.full" () {dtype:float32,{{.*}},value:0} : () -> tensor<1xf32>
+        CHECK-NEXT: ([[Z:%[0-9]+]]) = "pd_op.full_with_tensor" ([[F]], {{.*}}) {dtype:float32
         CHECK: ([[P:%[0-9]+]]) = "pd_op.if" ({{.*}}) {{.*}} -> tensor<-1x16xf32> {
         CHECK: "pd_op.softmax"
         CHECK: } else {

@@ -212,6 +212,7 @@ def test_a_wrong_variant_is_visibly_wrong():
     feeds = P.feeds_for(built, P.make_batch(4, KIND_MAX_LEN["decode"], np.random.default_rng(0)))
     outs = {v.name: run_program(v.program, built.params, feeds)[0] for v in mp.variants}
     vals = list(outs.values())
+    assert len(vals) == 3  # every pair of the three variants below, none skipped
     assert all(float(np.abs(a - b).max()) > 1e-3
                for i, a in enumerate(vals) for b in vals[i + 1:])
 
@@ -335,6 +336,7 @@ def test_a_failing_pass_after_it_rolls_back_the_variants(monkeypatch):
     built = P.build_cond_program(hoisted=True)
     mp, _ = _specialize(built)
     variants = list(mp.variants)
+    assert len(variants) == 3  # something to roll back
     pm = PassManager.from_config(["piecewise-split"], {"piecewise-split": {}})
     monkeypatch.setattr("graphopt.passes.piecewise_split.build_plan",
                         _fail_on_second_call())
