@@ -1,0 +1,197 @@
+"""The PyTorch backends without a GPU: ``torch_cpu`` runs whole steps of real plans against the
+eager model as written, and ``torch_cuda``'s capture logic (static inputs, bound step buffers
+and weights, graph outputs read in place, checked captures) runs on the CPU with a stand-in for
+``torch.cuda.CUDAGraph`` that replays by rerunning the captured program into the same output
+tensors. The capture itself is measured on a GPU (tools/bench_gpu.py, docs/gpu.md)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from graphopt.config import validate  # noqa: E402
+from graphopt.driver import build_and_optimize  # noqa: E402
+from graphopt.errors import CaptureCheckError, ConfigError  # noqa: E402
+from graphopt.runtime.backend import backend_names, check_backend, get_backend  # noqa: E402
+from graphopt.runtime.capture import CaptureCheck  # noqa: E402
+from graphopt.runtime.executor import RunnerPool  # noqa: E402
+from graphopt.runtime.step import StepExecutor, WholeProgramStep  # noqa: E402
+from graphopt.runtime.torch_backends import TorchCudaBackend  # noqa: E402
+from graphopt.runtime.variants import VariantStepExecutor  # noqa: E402
+from graphopt.verification import max_abs_err  # noqa: E402
+from tests.conftest import compose_cfg  # noqa: E402
+
+SIZES = [1, 2, 4, 8, 16, 32, 64]
+ARGS = ("model=dsv3", "model.num_hidden_layers=2")
+
+
+class FakeGraph:
+    def __init__(self, run, outs) -> None:
+        self.run, self.outs, self.replays = run, outs, 0
+
+
+class FakeGraphApi:
+    """``torch.cuda.CUDAGraph`` on the CPU: a capture runs the program once; a replay reruns it
+    on the static inputs and writes the results into the capture's output tensors, so a
+    consumer reading those tensors sees each replay's values as it would on a GPU."""
+
+    def __init__(self, torch_module) -> None:
+        self.captures = 0
+
+    def warmup(self, run) -> None:
+        run()
+
+    def capture(self, run):
+        self.captures += 1
+        outs = run()
+        return FakeGraph(run, outs), outs
+
+    def replay(self, graph: FakeGraph) -> None:
+        graph.replays += 1
+        for out, new in zip(graph.outs, graph.run(), strict=True):
+            out.copy_(new)
+
+
+class CpuGraphBackend(TorchCudaBackend):
+    """torch_cuda's buffer logic on the CPU (the stand-in graph API above)."""
+
+    device_type = "cpu"
+    graph_api = FakeGraphApi
+
+
+def cpu_graphs(name, pool):
+    return CpuGraphBackend(pool)
+
+
+def _optimized(*overrides):
+    cfg = compose_cfg(*ARGS, *overrides)
+    mp, _, _ = build_and_optimize(cfg, validate(cfg), np.random.default_rng(0))
+    mp.model.restore_patches(0)
+    return mp
+
+
+@pytest.fixture(scope="module")
+def piecewise():
+    return _optimized()
+
+
+@pytest.fixture(scope="module")
+def full_graph():
+    return _optimized("pipeline=full_graph", "full_cuda_graph=true")
+
+
+def _against_eager(ex, mp, steps: int, seed: int = 3) -> list[float]:
+    rng = np.random.default_rng(seed)
+    bundle = mp.model
+    errs = []
+    for i in range(steps):
+        batch = bundle.random_batch(rng, ("decode", "prefill", "mixed")[i % 3])
+        want = bundle.reference_step(batch)
+        errs.append(max_abs_err(ex.run(batch), want))
+        bundle.commit_state(want[1:])
+    return errs
+
+
+def test_backends_are_registered_with_one_line_each():
+    assert {"none", "emulator", "cuda", "torch_cpu", "torch_cuda"} <= set(backend_names())
+    assert get_backend("torch_cpu").captures is False
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"runtime.backend=torch_cuda: no CUDA device is "
+                           r"visible to PyTorch here .*use runtime.backend=torch_cpu"):
+            check_backend("torch_cuda")
+        with pytest.raises(ConfigError, match=r"runtime\.backend=torch_cuda: no CUDA device"):
+            validate(compose_cfg("model=tiny", "runtime=torch_cuda"))
+
+
+def test_torch_cpu_runs_the_whole_program_and_the_plan_like_eager(piecewise):
+    pool = RunnerPool(piecewise.params)
+    whole = WholeProgramStep(piecewise, pool, "torch_cpu")
+    plan = StepExecutor(piecewise, "torch_cpu", SIZES, 0, pool)
+    assert plan.capture is None  # torch_cpu captures nothing
+    assert max(_against_eager(whole, piecewise, 6)) < 1e-4
+    assert max(_against_eager(plan, piecewise, 6, seed=4)) < 1e-4
+    out = plan.run(piecewise.model.random_batch(np.random.default_rng(0), "decode"))
+    assert all(isinstance(t, torch.Tensor) for t in out)  # the backend's tensors, not numpy
+
+
+def test_graph_logic_replays_real_plans_like_eager(piecewise, full_graph):
+    for mp, executor in ((piecewise, StepExecutor), (full_graph, VariantStepExecutor)):
+        ex = executor(mp, "torch_cuda", SIZES, 1, RunnerPool(mp.params),
+                      check_captures=CaptureCheck(atol=1e-4), backend_factory=cpu_graphs)
+        errs = _against_eager(ex, mp, 12)
+        assert max(errs) < 1e-4, errs
+        st = ex.stats()
+        assert st["graphs_captured"] > 0 and st["replays"] >= st["graphs_captured"]
+        assert st["dropped_graphs"] == [] and st["checked_replays"] > st["graphs_captured"]
+
+
+def test_step_inputs_and_graph_outputs_are_read_in_place_not_copied(piecewise):
+    """KV caches and token inputs are staged once per step into buffers that graphs bind,
+    and one graph's outputs are the next graph's inputs where they are: a steady-state replay
+    copies nothing, as in a serving engine (copies cost a kernel launch each)."""
+    ex = StepExecutor(piecewise, "torch_cuda", [8], 0, RunnerPool(piecewise.params),
+                      backend_factory=cpu_graphs)
+    bundle = piecewise.model
+    for cached in ([5, 9, 13, 2], [6, 10, 14, 3], [7, 11, 15, 4]):
+        ex.run(bundle.make_batch("decode", [1] * 4, cached))
+    backend = ex.capture.backend
+    graphs = list(ex.capture.graphs.values())
+    assert graphs and backend.unbound_replays == 0
+    assert sum(len(g.copies) for g in graphs) == 0
+    assert all(g.bound or g.weights for g in graphs)
+    caches = [n for g in graphs for n, key in zip(
+        next(s for s in piecewise.segments.walk() if s.id == g.segment_id).feed_names,
+        next(s for s in piecewise.segments.walk() if s.id == g.segment_id).live_in,
+        strict=True) if key.startswith("meta.caches")]
+    assert caches  # the latent caches reach captured segments, bound
+
+
+def test_a_graph_that_goes_stale_is_caught_by_checked_captures(piecewise):
+    class StaleBackend(CpuGraphBackend):
+        """Replays never rerun: the graph's outputs stay those of its capture."""
+
+        graph_api = type("StaleApi", (FakeGraphApi,), {"replay": lambda self, g: None})
+
+    def stale(name, pool):
+        return StaleBackend(pool)
+
+    mp = piecewise
+    unchecked = StepExecutor(mp, "torch_cuda", SIZES, 0, RunnerPool(mp.params),
+                             backend_factory=stale)
+    assert max(_against_eager(unchecked, mp, 6)) > 1e-2
+    checked = StepExecutor(mp, "torch_cuda", SIZES, 0, RunnerPool(mp.params),
+                           check_captures=CaptureCheck(atol=1e-4, replays=None),
+                           backend_factory=stale)
+    assert max(_against_eager(checked, mp, 6)) < 1e-4
+    assert checked.stats()["dropped_graphs"]
+    failing = StepExecutor(mp, "torch_cuda", SIZES, 0, RunnerPool(mp.params),
+                           check_captures=CaptureCheck(atol=1e-4, on_mismatch="fail"),
+                           backend_factory=stale)
+    with pytest.raises(CaptureCheckError, match=r"differs from an uncaptured run of its segment "
+                       r"on replay \d"):
+        _against_eager(failing, mp, 6)
+
+
+def test_a_capture_that_fails_is_one_line_naming_the_segment(piecewise):
+    class Boom(FakeGraphApi):
+        def capture(self, run):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore text")
+
+    class BoomBackend(CpuGraphBackend):
+        graph_api = Boom
+
+    ex = StepExecutor(piecewise, "torch_cuda", SIZES, 0, RunnerPool(piecewise.params),
+                      backend_factory=lambda name, pool: BoomBackend(pool))
+    from graphopt.errors import CaptureError
+
+    with pytest.raises(CaptureError) as info:
+        ex.run(piecewise.model.random_batch(np.random.default_rng(0), "decode"))
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("capturing segment 0 (")
+    assert "on torch_cuda failed: operation not permitted when stream is capturing" in msg
