@@ -201,6 +201,15 @@ class Clock:
         self.sync()
         return time.perf_counter() - t0
 
+    def time_split(self, fn: Any) -> tuple[float, float]:
+        """(seconds until the GPU is done, seconds until `fn` returned)."""
+        self.sync()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        self.sync()
+        return time.perf_counter() - t0, t1 - t0
+
     def gpu_ms(self, fn: Any, repeats: int) -> float | None:
         """Median GPU time of `fn` by CUDA events (None without CUDA)."""
         if not self.cuda:
@@ -295,6 +304,19 @@ def capture_everything(executor: Any, bundle: Any, sizes: list[int], clock: Cloc
             "graph_mem_mb": None if mem0 is None else round(mem1 - mem0, 1)}
 
 
+def _counters(*executors: Any) -> dict[str, int]:
+    """Replays, uncaptured runs, checked replays, unbound replays, eager segment runs: summed
+    over `executors` (to tell what a timed loop really ran)."""
+    out = {"replays": 0, "uncaptured_runs": 0, "checked_replays": 0, "eager_segment_runs": 0,
+           "unbound_replays": 0}
+    for ex in executors:
+        st = ex.stats()
+        for k in ("replays", "uncaptured_runs", "checked_replays", "eager_segment_runs"):
+            out[k] += int(st.get(k, 0))
+        out["unbound_replays"] += sum(getattr(b, "unbound_replays", 0) for b in _backends(ex))
+    return out
+
+
 def _backends(executor: Any) -> list[Any]:
     if isinstance(executor, VariantStepExecutor):
         targets = [*executor.targets.values(), *([executor.general] if executor.general else [])]
@@ -374,10 +396,19 @@ def bench_layers(overrides: list[str], layers: int, bench: Any, cfg: DictConfig
             clock.sync()
             errors[m] = max(errors[m], max_abs_err(fn(), want))
         times: dict[str, list[float]] = {m: [] for m in MODES}
+        host: dict[str, list[float]] = {m: [] for m in MODES}
+        before = _counters(pw, fg)
         for _ in range(repeats):
             for m, fn in fns.items():
-                times[m].append(clock.time(fn))
+                wall, returned = clock.time_split(fn)
+                times[m].append(wall)
+                host[m].append(returned)
         row = {f"{m}_ms": round(statistics.median(v) * 1e3, 4) for m, v in times.items()}
+        # where the time goes: until the call returns (host work, launches) vs until the GPU
+        # is done; and what the executors did meanwhile (replays, uncaptured runs, checks)
+        row["host_ms"] = {m: round(statistics.median(v) * 1e3, 4) for m, v in host.items()}
+        after = _counters(pw, fg)
+        row["counters"] = {k: after[k] - before[k] for k in after}
         replay = full_graph_replay(fg, pf) if cuda else None
         row["kernel_ms"] = (round(clock.gpu_ms(replay, repeats), 4) if replay is not None
                             else None)
