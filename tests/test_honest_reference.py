@@ -8,6 +8,7 @@ show in the report as what the step was compared with.
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("GLOG_minloglevel", "2")
@@ -65,6 +66,19 @@ def test_without_the_bug_it_verifies_and_the_report_names_the_reference(tmp_path
     ref = report["numerics_reference"]
     assert ref.startswith("the model as written") and "FastDeploy2025MLAAttention.forward" in ref
     assert report["replay"]["reference"] == ref
+    # every segment is located in the model's code: an op SOT traced carries no model frame in
+    # its real call stack, and the trace's caller (this test) must never stand in for it
+    plan = json.loads((tmp_path / "segments.json").read_text())
+    locations = [s.get("location") for s in _walk(plan["segments"])]
+    assert locations and all(loc.startswith("graphopt/models/deepseek_v3/modeling.py:")
+                             for loc in locations), locations
+
+
+def _walk(segments):
+    for s in segments:
+        yield s
+        for branch in (s.get("branches") or {}).values():
+            yield from _walk(branch)
 
 
 def test_as_written_undoes_every_patch_and_puts_them_back():

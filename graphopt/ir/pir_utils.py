@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -279,15 +280,22 @@ def source_frame(op: paddle.pir.Operation) -> tuple[str, int, str] | None:
                 if where:
                     return where
         return None
+    frames = [m for m in (FRAME.search(f) for f in stack) if m]
+    # An op traced by SOT is built while SOT *simulates* the model's frames: the real stack
+    # runs from whoever called the trace into Paddle's jit machinery, and no model frame is in
+    # it. User frames before that entry are the trace's caller (a script, a test), never the
+    # code that built the op, so only frames after it count.
+    entry = next((i for i, m in enumerate(frames) if _TRACE_ENTRY in m.group("file")), -1)
     best = None
-    for frame in stack:
-        m = FRAME.search(frame)
-        if not m:
-            continue
+    for m in frames[entry + 1:]:
         file, line = original_location(m.group("file"), int(m.group("line")))
         if not is_library_file(file):
             best = (file, line, m.group("func"))
     return best
+
+
+#: where a frame enters Paddle's tracing (SOT, dy2static); see source_frame
+_TRACE_ENTRY = f"{os.sep}paddle{os.sep}jit{os.sep}"
 
 
 def source_location(op: paddle.pir.Operation) -> str | None:
