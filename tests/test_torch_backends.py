@@ -140,10 +140,20 @@ def test_step_inputs_and_graph_outputs_are_read_in_place_not_copied(piecewise):
     bundle = piecewise.model
     for cached in ([5, 9, 13, 2], [6, 10, 14, 3], [7, 11, 15, 4]):
         ex.run(bundle.make_batch("decode", [1] * 4, cached))
+    # a prefill, then a mixed step at the same size: the ifs' results now come from the other
+    # branch's graphs, read through static buffers (never a fallback to an uncaptured run)
+    ex.run(bundle.make_batch("prefill", [3, 5], [0, 0]))
+    ex.run(bundle.make_batch("mixed", [1, 7], [4, 0]))
+    ex.run(bundle.make_batch("decode", [1] * 4, [5, 9, 13, 2]))
     backend = ex.capture.backend
     graphs = list(ex.capture.graphs.values())
     assert graphs and backend.unbound_replays == 0
-    assert sum(len(g.copies) for g in graphs) == 0
+    # only the ifs' results are copied (into static buffers), nothing else
+    varying = {k for s in piecewise.segments.walk() if s.is_branching for k in s.results}
+    seg_of = {s.id: s for s in piecewise.segments.walk()}
+    copied = {dict(zip(seg_of[g.segment_id].feed_names, seg_of[g.segment_id].live_in,
+                       strict=True))[n] for g in graphs for n, _ in g.copies}
+    assert copied and copied <= varying
     assert all(g.bound or g.weights for g in graphs)
     caches = [n for g in graphs for n, key in zip(
         next(s for s in piecewise.segments.walk() if s.id == g.segment_id).feed_names,

@@ -94,6 +94,9 @@ class GpuBenchOptions:
     replay_steps: int = 20
     #: capture every graph of each plan (every capture size and batch kind), timed
     capture_all: bool = True
+    #: write PyTorch profiler tables (CPU and CUDA time per op) of a few steps of each mode on
+    #: the first batch to <out>/profile-L<n>.txt
+    profile: bool = False
     out: str | None = None
 
 
@@ -158,7 +161,7 @@ def random_spec(rng: np.random.Generator, kind: str, max_tokens: int = 64
                 ) -> tuple[list[int], list[int]]:
     """A random `kind` batch of at most 8 sequences and `max_tokens` tokens."""
     n = int(rng.integers(2 if kind == "mixed" else 1, 9))
-    n_decode = {"prefill": 0, "decode": n}.get(kind, int(rng.integers(1, n)))
+    n_decode = 0 if kind == "prefill" else n if kind == "decode" else int(rng.integers(1, n))
     seq_lens = [1] * n_decode + [int(rng.integers(1, 9)) for _ in range(n - n_decode)]
     cached = [int(rng.integers(1, 48)) for _ in range(n_decode)] + [0] * (n - n_decode)
     assert sum(seq_lens) <= max_tokens
@@ -304,6 +307,24 @@ def capture_everything(executor: Any, bundle: Any, sizes: list[int], clock: Cloc
             "graph_mem_mb": None if mem0 is None else round(mem1 - mem0, 1)}
 
 
+def profile_modes(fns: dict[str, Any], path: Path, cuda: bool) -> None:
+    """PyTorch profiler tables of 3 calls of each mode (where a step's time goes)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    parts = []
+    for m, fn in fns.items():
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                fn()
+            if cuda:
+                torch.cuda.synchronize()
+        parts.append(f"== {m} (3 calls)\n" + prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=18))
+    path.write_text("\n".join(parts))
+
+
 def _counters(*executors: Any) -> dict[str, int]:
     """Replays, uncaptured runs, checked replays, unbound replays, eager segment runs: summed
     over `executors` (to tell what a timed loop really ran)."""
@@ -341,8 +362,8 @@ def full_graph_replay(executor: VariantStepExecutor, prepared: Any) -> Any:
     return replay
 
 
-def bench_layers(overrides: list[str], layers: int, bench: Any, cfg: DictConfig
-                 ) -> dict[str, Any]:
+def bench_layers(overrides: list[str], layers: int, bench: Any, cfg: DictConfig,
+                 out_dir: Path) -> dict[str, Any]:
     over = [*overrides, f"model.num_hidden_layers={layers}"]
     backend = str(cfg.runtime.backend)
     cuda = get_backend(backend).captures
@@ -404,6 +425,8 @@ def bench_layers(overrides: list[str], layers: int, bench: Any, cfg: DictConfig
                 times[m].append(wall)
                 host[m].append(returned)
         row = {f"{m}_ms": round(statistics.median(v) * 1e3, 4) for m, v in times.items()}
+        if bench.profile and i == 0:
+            profile_modes(fns, out_dir / f"profile-L{layers}.txt", cuda)
         # where the time goes: until the call returns (host work, launches) vs until the GPU
         # is done; and what the executors did meanwhile (replays, uncaptured runs, checks)
         row["host_ms"] = {m: round(statistics.median(v) * 1e3, 4) for m, v in host.items()}
@@ -504,7 +527,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.bench.out) if cfg.bench.out else Path(HydraConfig.get().runtime.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for layers in cfg.bench.layers:
-        result[f"L{layers}"] = bench_layers(overrides, int(layers), cfg.bench, cfg)
+        result[f"L{layers}"] = bench_layers(overrides, int(layers), cfg.bench, cfg, out)
         # after each size: a run stopped by a time limit keeps the sizes it finished
         write_atomic(out / "bench.json", json.dumps(result, indent=1, default=_plain) + "\n")
         plot(result, out / "bench.png")

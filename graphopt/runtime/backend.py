@@ -98,6 +98,10 @@ class Backend:
         """The host-side truth of a one-element ``if`` condition."""
         return condition_value(value)
 
+    def note_plan(self, plan: Any) -> None:
+        """Told once per plan this backend will capture segments of (a SegmentPlan): e.g. which
+        values are results of eager ifs, whose producer changes with the branch taken."""
+
     # -- uncaptured execution ----------------------------------------------------------------
     def run_program(self, program: paddle.pir.Program, feeds: Mapping[str, Any]) -> list[Any]:
         """Run `program` once, uncaptured: its outputs in order."""

@@ -246,6 +246,8 @@ class StepExecutor:
         self.capture = (CaptureManager(self.backend, list(capture_sizes), num_warmups,
                                        check=capture_check(check_captures))
                         if capture and self.backend.captures else None)
+        if self.capture is not None:
+            self.backend.note_plan(self.plan)
         self._release = self.plan.release_schedule()
         self._whole: WholeProgramStep | None = None
         self.steps = 0

@@ -75,7 +75,7 @@ class TorchBackend(Backend):
 
     def from_step(self, value: paddle.Tensor, host: bool, reuse: Any | None) -> Any:
         device = self._torch.device("cpu") if host else self.device
-        if reuse is not None and reuse.device == device:
+        if reuse is not None and reuse.device.type == device.type:  # (cuda == cuda:0)
             # in place: a graph captured on `reuse` reads the new value where it is
             reuse.copy_(self._lowering.to_torch(value, "cpu"))
             return reuse
@@ -205,8 +205,14 @@ class TorchCudaBackend(TorchBackend):
         self._param_ids = {id(t) for t in self._params.values()}
         #: replays that ran uncaptured because a bound input came as another tensor
         self.unbound_replays = 0
+        #: value keys whose tensor depends on the branch an eager if took (its results): a
+        #: graph reading one gets a static buffer, never the tensor it saw at capture
+        self._varying: set[str] = set()
         #: seconds spent in captures (warm-ups excluded)
         self.capture_s = 0.0
+
+    def note_plan(self, plan: Any) -> None:
+        self._varying.update(k for s in plan.walk() if s.is_branching for k in s.results)
 
     def warmup(self, seg: Segment, feeds: Mapping[str, Any]) -> None:
         lp = self.lowered(seg.program, feeds)
@@ -218,12 +224,12 @@ class TorchCudaBackend(TorchBackend):
         weights: set[str] = set()
         bound: set[str] = set()
         copies: list[tuple[str, Any]] = []
-        for name in seg.feed_names:
+        for name, key in zip(seg.feed_names, seg.live_in, strict=True):
             t = feeds[name]
             static[name] = t
             if id(t) in self._param_ids:
                 weights.add(name)
-            elif id(t) in self._stable:
+            elif id(t) in self._stable and key not in self._varying:
                 bound.add(name)
             else:
                 static[name] = t.clone()

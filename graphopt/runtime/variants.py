@@ -126,6 +126,8 @@ class VariantStepExecutor:
             manager = (CaptureManager(backend_factory(backend, self.pool), self.sizes,
                                       num_warmups, check=check)
                        if self.captured else None)
+            if manager is not None and plan is not None:
+                manager.backend.note_plan(plan)
             return _Target(name, program, plan, manager,
                            plan.release_schedule() if plan is not None else None)
 
