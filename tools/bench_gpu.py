@@ -495,14 +495,29 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for j, m in enumerate(modes):
             vals = [r[b].get(f"{m}_ms") for b in names]
             xs = [i + (j - 1.5) * width for i in range(len(names))]
-            ax.bar([x for x, v in zip(xs, vals, strict=True) if v],
-                   [v for v in vals if v], width, label=m, color=colors[m])
+            bars = ax.bar([x for x, v in zip(xs, vals, strict=True) if v],
+                          [v for v in vals if v], width, label=m, color=colors[m])
+            if m != "piecewise":
+                continue
+            # a piecewise step whose replays fell back to uncaptured runs is not a graph number
+            kept = [b for b, v in zip(names, vals, strict=True) if v]
+            for bar, b in zip(bars, kept, strict=True):
+                if r[b].get("counters", {}).get("unbound_replays"):
+                    bar.set_hatch("//")
+                    bar.set_edgecolor("white")
+                    ax.annotate("fell back\nuncaptured", (bar.get_x() + width / 2,
+                                bar.get_height()), ha="center", va="bottom", fontsize=6)
         ax.set_yscale("log")
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high * 4)
         ax.set_xticks(range(len(names)), [f"{b}\n({r[b]['tokens']} tok)" for b in names])
         ax.set_ylabel("ms per step (median, log)")
-        ax.set_title(f"{label}: {r['ops']} ops, {r['segments']['captured']} captured "
-                     f"segments; no-hoist wrong {r['no_hoist_wrong']}/{r['steps']}")
-        ax.legend(fontsize=8)
+        title = f"{label}: " + (f"{r['ops']} ops, {r['segments']['captured']} captured "
+                                f"segments; " if "ops" in r else "")
+        title += (f"no-hoist wrong {r['no_hoist_wrong']}/{r['steps']}"
+                  if r.get("steps") else "replay checks not measured")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8, loc="upper center", ncol=4)
     fig.suptitle(f"graphopt plans on {result['device']} (torch {result['torch']}, paddle "
                  f"{result['paddle']} CPU plans)")
     fig.tight_layout()
