@@ -205,3 +205,20 @@ def test_a_capture_that_fails_is_one_line_naming_the_segment(piecewise):
     msg = str(info.value)
     assert "\n" not in msg and msg.startswith("capturing segment 0 (")
     assert "on torch_cuda failed: operation not permitted when stream is capturing" in msg
+
+
+def test_an_op_without_lowering_is_refused_before_anything_runs(piecewise, monkeypatch):
+    from graphopt.errors import LoweringError
+    from graphopt.runtime.lowering import OPS
+
+    monkeypatch.delitem(OPS, "pd_op.silu")
+    for backend in ("torch_cpu", "torch_cuda"):
+        factory = cpu_graphs if backend == "torch_cuda" else None
+        kwargs = {"backend_factory": factory} if factory else {}
+        with pytest.raises(LoweringError) as info:  # at construction: no step, no capture
+            StepExecutor(piecewise, backend, SIZES, 0, RunnerPool(piecewise.params), **kwargs)
+        msg = str(info.value)
+        assert "\n" not in msg
+        # SOT traced the MLP's silu: its real call stack holds no model frame to name
+        assert msg.startswith("no PyTorch lowering for pd_op.silu at an unknown location: ")
+        assert f"backend {backend if factory is None else 'torch_cuda'} cannot run" in msg

@@ -557,13 +557,14 @@ def test_a_device_condition_is_a_reported_sync_point(dsv3):
 def test_missing_lowering_is_named_with_its_source_line(tiny, monkeypatch):
     monkeypatch.delitem(OPS, "pd_op.tanh")
     missing = missing_lowerings(tiny.mp.program)
-    assert [name for name, _ in missing] == ["pd_op.tanh"]
-    assert re.fullmatch(r".+\.py:\d+ \(.+\)", missing[0][1]), missing
+    # SOT traced tiny's tanh: its real call stack holds no model frame (only the trace's
+    # caller, this test), so there is no location to name rather than a wrong one
+    assert missing == [("pd_op.tanh", None)]
     with pytest.raises(LoweringError) as e:
         lower_program(tiny.mp.program, tiny.tparams, host_inputs=tiny.host)
     msg = str(e.value)
     assert "\n" not in msg
-    assert msg.startswith(f"no PyTorch lowering for pd_op.tanh at {missing[0][1]}: backend "
+    assert msg.startswith("no PyTorch lowering for pd_op.tanh at an unknown location: backend "
                           "torch_* cannot run this program")
 
 

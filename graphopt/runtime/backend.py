@@ -98,6 +98,9 @@ class Backend:
         """The host-side truth of a one-element ``if`` condition."""
         return condition_value(value)
 
+    def check_programs(self, programs: list[paddle.pir.Program]) -> None:
+        """Refuse, before anything runs, programs this backend cannot run (one line)."""
+
     def note_plan(self, plan: Any) -> None:
         """Told once per plan this backend will capture segments of (a SegmentPlan): e.g. which
         values are results of eager ifs, whose producer changes with the branch taken."""

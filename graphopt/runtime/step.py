@@ -124,6 +124,18 @@ def run_plan(
     return [as_tensor(env.get_value(k)) for k in plan.outputs]
 
 
+def plan_programs(mp: ModelProgram) -> list[paddle.pir.Program]:
+    """Every program a step of `mp` may run: the whole program, the prologue, each segment
+    (branch segments included) and each variant with its segments."""
+    out = [p for p in (mp.program, mp.prologue.program if mp.prologue else None) if p]
+    plans = [mp.segments] + [v.segments for v in mp.variants]
+    out += [v.program for v in mp.variants if v.segments is None]
+    for plan in plans:
+        if plan is not None:
+            out += [s.program for s in plan.walk() if s.program is not None]
+    return out
+
+
 class StepInputs:
     """The inputs of one step of a ModelProgram: the tensors the batch holds now (``arg.<i>``,
     ``meta.<path>``), looked up afresh every step and moved into the backend's memory (host
@@ -138,6 +150,7 @@ class StepInputs:
         self.pool = pool if pool is not None else RunnerPool(mp.params)
         self.backend = backend if backend is not None else make_backend("none", self.pool)
         self.params = self.backend.params
+        self.backend.check_programs(plan_programs(mp))
         names = list(data_ops(mp.program))
         if mp.prologue is not None:
             names += [n for n in data_ops(mp.prologue.program) if n not in names]

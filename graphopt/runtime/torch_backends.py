@@ -90,6 +90,14 @@ class TorchBackend(Backend):
             return value.detach().cpu().numpy()
         return super().to_numpy(value)
 
+    def check_programs(self, programs: list[paddle.pir.Program]) -> None:
+        # every op of the plan against the op table before the first step, not at the first
+        # run of the program that holds it (after other graphs were captured)
+        for program in programs:
+            error = self._lowering.lowering_error(program, self.name)
+            if error is not None:
+                raise error
+
     def lowered(self, program: paddle.pir.Program, feeds: Mapping[str, Any]) -> Any:
         """The lowered `program` (lowered on first use; host inputs are the feeds that live on
         the CPU while the backend's device is not)."""
@@ -100,7 +108,7 @@ class TorchBackend(Backend):
                  if isinstance(t, self._torch.Tensor) and t.device.type == "cpu"]
                 if self.device.type != "cpu" else [])
         lp = self._lowering.lower_program(program, self._params, device=self.device,
-                                          host_inputs=host)
+                                          host_inputs=host, backend=self.name)
         self._lowered[id(program)] = (program, lp)
         return lp
 

@@ -182,11 +182,14 @@ def missing_lowerings(program: paddle.pir.Program) -> list[tuple[str, str | None
     return out
 
 
-def _missing_error(program: paddle.pir.Program, backend: str) -> LoweringError | None:
+def lowering_error(program: paddle.pir.Program, backend: str) -> LoweringError | None:
+    """The one-line error for the first op of `program` with no lowering (None: all have)."""
     missing = missing_lowerings(program)
     if not missing:
         return None
-    name, where = missing[0]
+    name = missing[0][0]
+    # the first instance SOT traced may have no located frame; another instance may
+    where = next((w for n, w in missing if n == name and w), None)
     kinds = sorted({n for n, _ in missing})
     more = f" ({len(kinds)} op kinds have none: {', '.join(kinds)})" if len(kinds) > 1 else ""
     return LoweringError(
@@ -646,7 +649,7 @@ def lower_program(program: paddle.pir.Program, params: Mapping[str, torch.Tensor
     named in the error when an op has no lowering. Raises :class:`LoweringError`, one line
     naming the first op without a lowering and where the model builds it.
     """
-    error = _missing_error(program, backend)
+    error = lowering_error(program, backend)
     if error is not None:
         raise error
     lw = _Lowerer(program, params, torch.device(device), host_inputs)
