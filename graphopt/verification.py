@@ -2,7 +2,9 @@
 
 "Eager" is the model as its authors wrote it: every reference step runs with graphopt's source
 patches undone (:meth:`ModelBundle.reference_step`), never graphopt's own rewrite of the model,
-which would compare the rewrite with itself. Two checks, both on random steps whose host values change from step to step (a check that
+which would compare the rewrite with itself.
+
+Two checks, both on random steps whose host values change from step to step (a check that
 compares one step per trace cannot see a program that reads stale host values):
 
 * numerics: one prefill, one decode and one mixed step, optimized (uncaptured) vs eager, on the
@@ -100,7 +102,7 @@ def check_numerics(mp: ModelProgram, rng: np.random.Generator,
     step = None
     whole = False
     if mp.segments is not None:
-        on = "" if get_backend(backend).name in PADDLE_BACKENDS else f", {backend}"
+        on = "" if get_backend(backend).engine == "paddle" else f", {backend}"
         if mp.variants:
             step = VariantStepExecutor(mp, backend=backend, capture_sizes=[1], num_warmups=0,
                                        pool=pool, capture=False)
@@ -117,7 +119,7 @@ def check_numerics(mp: ModelProgram, rng: np.random.Generator,
                 f"{whole_program_max_ops}; what runs was checked")
     elif mp.program is not None:
         step = WholeProgramStep(mp, pool, backend)
-        out.ran = "whole program" + ("" if get_backend(backend).name in PADDLE_BACKENDS
+        out.ran = "whole program" + ("" if get_backend(backend).engine == "paddle"
                                      else f" ({backend})")
     else:
         out.ran = f"SOT's {mp.trace.subgraphs} graphs"
@@ -136,10 +138,6 @@ def check_numerics(mp: ModelProgram, rng: np.random.Generator,
         out.optimized[kind] = max_abs_err(got, eager)
         bundle.commit_state(eager[1:])
     return out
-
-
-#: backends whose uncaptured runs are Paddle's own run_program
-PADDLE_BACKENDS = ("none", "emulator", "cuda")
 
 
 def _flat(outs: Any) -> list[Any]:

@@ -62,6 +62,8 @@ class Backend:
     summary: ClassVar[str] = ""
     #: whether captured segments become graphs (False: every segment runs uncaptured)
     captures: ClassVar[bool] = True
+    #: what runs the programs, in words for reports ("paddle": Paddle's own executor)
+    engine: ClassVar[str] = "paddle"
 
     def __init__(self, pool: RunnerPool) -> None:
         self.pool = pool

@@ -190,8 +190,8 @@ class CaptureManager:
             self.stats.checked_graphs += 1
         self._checked[key] = self._checked.get(key, 0) + 1
         self.stats.checked_replays += 1
-        # the replay's outputs may live in the graph's static output buffers, which the
-        # reference run (on a GPU, the same memory pool) must not be able to overwrite first
+        # the original segment program on this replay's own inputs: never the capture's
+        # program nor its frozen values, so a stale graph cannot agree with itself
         want = self.backend.run_uncaptured(seg, feeds)
         host = self.backend.to_numpy
         err = _max_abs_err([None if o is None else host(o) for o in outs],

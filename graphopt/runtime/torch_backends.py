@@ -48,6 +48,7 @@ class TorchBackend(Backend):
     :attr:`device_type`; tensors between segments stay there."""
 
     device_type: ClassVar[str] = "cpu"
+    engine = "torch"
 
     def __init__(self, pool: RunnerPool) -> None:
         super().__init__(pool)
