@@ -10,7 +10,9 @@ import difflib
 import importlib
 import re
 import sys
+from collections.abc import Callable
 from importlib.metadata import entry_points
+from typing import Any
 
 from graphopt.errors import ConfigError
 from graphopt.passes.base import Pass
@@ -63,16 +65,25 @@ def load_all() -> None:
     if _LOADED:
         return
     _LOADED = True
-    for mod in BUILTIN_MODULES:
+    load_plugins("graphopt.passes", BUILTIN_MODULES, Pass, register_pass, _BROKEN)
+
+
+def load_plugins(group: str, builtin: tuple[str, ...], base: type,
+                 register: Callable[[Any], Any], broken: dict[str, str]) -> None:
+    """Import the `builtin` modules, then every entry point of `group`: one naming a module
+    registers on import, one naming a `base` subclass is passed to `register`. A plug-in that
+    fails to load does not hide the others: it is named in one warning line and in `broken`
+    (entry-point name -> why), so asking for what it provides can say why it is missing."""
+    for mod in builtin:
         importlib.import_module(mod)
-    for ep in entry_points(group="graphopt.passes"):
+    for ep in entry_points(group=group):
         try:
             obj = ep.load()
-            if isinstance(obj, type) and issubclass(obj, Pass):
-                register_pass(obj)
+            if isinstance(obj, type) and issubclass(obj, base):
+                register(obj)
         except Exception as e:
-            why = f"entry point graphopt.passes:{ep.name} ({ep.value}) failed to load: {e}"
-            _BROKEN[ep.name] = why
+            why = f"entry point {group}:{ep.name} ({ep.value}) failed to load: {e}"
+            broken[ep.name] = why
             print(f"graphopt: warning: {why}", file=sys.stderr)
 
 

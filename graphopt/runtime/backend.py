@@ -25,11 +25,8 @@ supplies the capture primitive (:meth:`warmup`, :meth:`capture`, :meth:`replay`)
 from __future__ import annotations
 
 import difflib
-import importlib
 import math
-import sys
 from collections.abc import Callable, Mapping
-from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 import numpy as np
@@ -37,6 +34,7 @@ import paddle
 
 from graphopt.errors import ConfigError
 from graphopt.ir.segment_plan import Segment
+from graphopt.passes.registry import load_plugins
 from graphopt.runtime.executor import RunnerPool
 
 _REGISTRY: dict[str, type[Backend]] = {}
@@ -182,17 +180,7 @@ def _load_all() -> None:
     if _LOADED:
         return
     _LOADED = True
-    for mod in BUILTIN_MODULES:
-        importlib.import_module(mod)
-    for ep in entry_points(group="graphopt.backends"):
-        try:
-            obj = ep.load()
-            if isinstance(obj, type) and issubclass(obj, Backend):
-                register_backend(obj)
-        except Exception as e:
-            why = f"entry point graphopt.backends:{ep.name} ({ep.value}) failed to load: {e}"
-            _BROKEN[ep.name] = why
-            print(f"graphopt: warning: {why}", file=sys.stderr)
+    load_plugins("graphopt.backends", BUILTIN_MODULES, Backend, register_backend, _BROKEN)
 
 
 def backend_names() -> list[str]:
