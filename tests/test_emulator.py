@@ -203,3 +203,38 @@ def test_model_constants_are_bound_not_copied():
     with pytest.raises(ValueError, match="bound to a model constant"):
         mgr.run(seg, 4, {**feeds, first: np.zeros((4, P.HIDDEN), "float32")})
     assert float(const.numpy().min()) == 1.0
+
+
+def test_a_backend_from_outside_plugs_in_by_name(monkeypatch):
+    """A backend written outside graphopt registers itself; step executors, the preflight
+    and the registry's listing then know it by name (no framework file edited)."""
+    from graphopt.runtime import backend as registry
+    from graphopt.runtime.backend import backend_names, get_backend, register_backend
+
+    registry.backend_names()  # the built-ins first; the plug-in is gone after the test
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    from graphopt.runtime.paddle_backends import EmulatorBackend as Base
+
+    @register_backend
+    class CountingBackend(Base):
+        name = "counting_emulator"
+        summary = "the emulator, counting replays (a test plug-in)"
+        replays = 0
+
+        def replay(self, graph, feeds):
+            type(self).replays += 1
+            return super().replay(graph, feeds)
+
+    assert "counting_emulator" in backend_names()
+    assert get_backend("counting_emulator") is CountingBackend
+    mp = _mp(P.build_cond_program(hoisted=True))
+    ex = StepExecutor(mp, "counting_emulator", SIZES, 0)
+    rng = np.random.default_rng(0)
+    meta = P.make_meta([1, 1, 1], rng)
+    for t in (3, 4, 3):
+        batch = P.make_batch(t, [t, t, t], rng, meta)
+        got, want = ex.run(batch), ex.run_whole(batch)
+        assert all(np.array_equal(a, b) for a, b in zip(_np(got), _np(want), strict=True))
+    assert CountingBackend.replays == ex.stats()["replays"] > 0
+    with pytest.raises(ConfigError, match="Did you mean 'counting_emulator'"):
+        get_backend("counting_emulatr")
