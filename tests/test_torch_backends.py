@@ -47,7 +47,7 @@ class FakeGraphApi:
     def warmup(self, run) -> None:
         run()
 
-    def capture(self, run):
+    def capture(self, run, pool_key=None):
         self.captures += 1
         outs = run()
         return FakeGraph(run, outs), outs
@@ -188,9 +188,68 @@ def test_a_graph_that_goes_stale_is_caught_by_checked_captures(piecewise):
         _against_eager(failing, mp, 6)
 
 
+def test_graphs_that_run_in_one_step_never_share_a_memory_pool(piecewise, full_graph):
+    """A replay writes wherever its capture put its temporaries; a later capture into the same
+    pool may have been given that memory (on the H200, one pool for all graphs made 12 of 143
+    graphs wrong on their second replay). So graphs share a pool only when no step runs both:
+    one pool per segment, shared by its capture sizes."""
+    replayed: list[tuple[int, object]] = []
+
+    class Recording(FakeGraphApi):
+        def capture(self, run, pool_key=None):
+            graph, outs = super().capture(run, pool_key)
+            graph.pool_key = pool_key
+            return graph, outs
+
+        def replay(self, graph):
+            replayed.append(graph.pool_key)
+            super().replay(graph)
+
+    class RecordingBackend(CpuGraphBackend):
+        graph_api = Recording
+
+    for mp, executor in ((piecewise, StepExecutor), (full_graph, VariantStepExecutor)):
+        ex = executor(mp, "torch_cuda", SIZES, 0, RunnerPool(mp.params),
+                      backend_factory=lambda name, pool: RecordingBackend(pool))
+        rng = np.random.default_rng(5)
+        sizes_by_key: dict[object, set] = {}
+        for i in range(9):
+            replayed.clear()
+            batch = mp.model.random_batch(rng, ("decode", "prefill", "mixed")[i % 3])
+            prepared = ex.prepare(batch)
+            ex.execute(prepared)
+            assert replayed and len(set(replayed)) == len(replayed), replayed
+            for key in replayed:
+                sizes_by_key.setdefault(key, set()).add(prepared.size)
+        # and sizes do share: a pool per segment, not one per graph
+        assert max(len(sizes) for sizes in sizes_by_key.values()) > 1
+
+
+def test_the_cuda_graph_api_captures_each_pool_key_into_its_own_pool():
+    """CudaGraphApi against a stand-in torch.cuda: one pool handle per key, reused."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from graphopt.runtime.torch_backends import CudaGraphApi
+
+    handles, used = iter(range(100)), []
+
+    @contextmanager
+    def graph(g, pool=None):
+        used.append(pool)
+        yield
+
+    fake = SimpleNamespace(cuda=SimpleNamespace(
+        graph_pool_handle=lambda: next(handles), CUDAGraph=object, graph=graph))
+    api = CudaGraphApi(fake)
+    for key in (3, 3, 7, 3, 7, 9):
+        api.capture(lambda: [], key)
+    assert used == [0, 0, 1, 0, 1, 2]
+
+
 def test_a_capture_that_fails_is_one_line_naming_the_segment(piecewise):
     class Boom(FakeGraphApi):
-        def capture(self, run):
+        def capture(self, run, pool_key=None):
             raise RuntimeError("operation not permitted when stream is capturing\nmore text")
 
     class BoomBackend(CpuGraphBackend):

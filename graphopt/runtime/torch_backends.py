@@ -7,13 +7,13 @@ the whole program) is lowered op by op (:mod:`graphopt.runtime.lowering`) and ru
 * ``torch_cpu``: the lowering on the CPU, nothing captured. What CI runs: it tests the lowering
   against Paddle without a GPU.
 * ``torch_cuda``: the lowering on CUDA; captured segments become ``torch.cuda.CUDAGraph``s, one
-  per (segment, capture size), all in one memory pool. Device values stay on the GPU between
+  per (segment, capture size); a segment's graphs share one memory pool. Device values stay on the GPU between
   segments; host values (host meta fields, hoisted conditions, shapes) stay CPU tensors. A host
   op left inside a captured segment runs once, at capture, and its result is frozen into the
   graph: exactly the replay hazard the hoist pass removes.
 
-Capture follows PyTorch's recipe: warm-up runs on a side stream, then ``torch.cuda.graph``
-into the shared pool; a replay copies new inputs into the graph's static input tensors
+Capture follows PyTorch's recipe: warm-up runs on a side stream, then ``torch.cuda.graph``;
+a replay copies new inputs into the graph's static input tensors
 (weights are bound, never copied) and hands back the graph's static outputs, which the next
 replay of that graph overwrites.
 """
@@ -156,12 +156,26 @@ class TorchGraph:
 
 
 class CudaGraphApi:
-    """The capture primitive torch_cuda uses: ``torch.cuda.CUDAGraph`` in a shared memory
-    pool. Tests replace it (a CPU stand-in) to run the backend's buffer logic without a GPU."""
+    """The capture primitive torch_cuda uses: ``torch.cuda.CUDAGraph``, with one memory pool
+    per segment, shared by that segment's graphs of every capture size. Tests replace it (a CPU
+    stand-in) to run the backend's buffer logic without a GPU.
+
+    Why a pool per segment: graphs that share a pool must never run in the same step. A
+    replay writes wherever its capture put its temporaries, and a later capture into the same
+    pool may have been given that memory for its outputs. PyTorch's recipe (one pool, replays
+    in capture order) does not hold for a plan whose steps take different branches: a prefill
+    step first captures the prefill branch's segments after every decode graph of that size,
+    then replays them between those graphs. On the H200, with one pool for every graph, 12 of
+    the 143 graphs of the 4-layer piecewise plan differed from an uncaptured run of their
+    segment on their second replay (max abs err up to 4.8; the checked captures dropped them).
+    One step runs one capture size, so a segment's graphs never meet in a step: 0 of 728
+    checked replays differed, for 1,284 MiB of graph memory against 1,208 (a pool per graph:
+    0 wrong too, but 26 GB at 61 layers, 2,024 graphs, against 2.5 GB).
+    """
 
     def __init__(self, torch: Any) -> None:
         self.torch = torch
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pools: dict[Any, Any] = {}
 
     def warmup(self, run: Any) -> None:
         """Run `run()` on a side stream, as PyTorch's recipe does before a capture."""
@@ -172,10 +186,14 @@ class CudaGraphApi:
             run()
         torch.cuda.current_stream().wait_stream(side)
 
-    def capture(self, run: Any) -> tuple[Any, list[Any]]:
-        """Capture `run()`; return the graph and the outputs the capture made."""
+    def capture(self, run: Any, pool_key: Any) -> tuple[Any, list[Any]]:
+        """Capture `run()` into the pool of `pool_key` (graphs never run in the same step);
+        return the graph and the outputs the capture made."""
+        pool = self.pools.get(pool_key)
+        if pool is None:
+            pool = self.pools[pool_key] = self.torch.cuda.graph_pool_handle()
         graph = self.torch.cuda.CUDAGraph()
-        with self.torch.cuda.graph(graph, pool=self.pool):
+        with self.torch.cuda.graph(graph, pool=pool):
             outs = run()
         return graph, outs
 
@@ -245,7 +263,7 @@ class TorchCudaBackend(TorchBackend):
                 copies.append((name, static[name]))
         t0 = time.perf_counter()
         try:
-            graph, outs = self.api.capture(lambda: lp.run(static))
+            graph, outs = self.api.capture(lambda: lp.run(static), seg.id)
         except Exception as e:
             where = f" ({seg.location})" if seg.location else ""
             raise CaptureError(
