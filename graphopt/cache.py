@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from graphopt.ir.model_program import (
     TraceInfo,
     Variant,
 )
+from graphopt.ir.pir_utils import walk_ops
 from graphopt.models.base import ModelBundle
 from graphopt.passes.piecewise_split import plan_model_program
 
@@ -58,8 +60,21 @@ ENTRY_FORMAT = 2
 ENTRY_FILE = "entry.json"
 
 
+#: the Paddle flags an entry may set when it is loaded: those graphopt's passes record. Any
+#: other flag in an entry is refused (a flag changes how Paddle runs everything after it).
+ENTRY_FLAGS = frozenset({"FLAGS_cuda_graph_blacklist"})
+#: ops that read or write files or call back into Python: graphopt never makes them, and a
+#: loaded program holding one is refused before it runs
+FORBIDDEN_OPS = frozenset({"pd_op.save", "pd_op.save_combine", "pd_op.load",
+                           "pd_op.load_combine", "pd_op.py_func"})
+
+
 class CacheError(GraphoptError):
     """A cache entry cannot be used (missing, corrupt or stale); the message says why."""
+
+
+class UntrustedEntryError(CacheError):
+    """An entry would run code nobody vouched for (``load(..., trust_remote_code=True)``)."""
 
 
 def key_material(model_cfg: dict[str, Any], provenance: dict[str, Any],
@@ -221,6 +236,42 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def verify_entry(path: Path, meta: dict[str, Any]) -> None:
+    """The integrity checks every load and every cache hit makes before anything of the entry
+    is used: its key is the hash of its material, every file matches its recorded sha256, and
+    the Paddle flags it sets are ones graphopt records. CacheError (one line) otherwise."""
+    material, key = meta.get("material"), meta.get("key")
+    if not isinstance(material, dict) or cache_key(material) != key:
+        raise CacheError(f"{path}: its key {key} is not the hash of its material (tampered "
+                         "with or corrupt)")
+    files, sums = meta.get("files"), meta.get("sha256")
+    if not isinstance(files, dict) or not isinstance(sums, dict) or "program" not in files:
+        raise CacheError(f"{path / ENTRY_FILE} is malformed (no files and checksums)")
+    for name, file in files.items():
+        f = path / str(file)
+        if Path(str(file)).name != str(file):
+            raise CacheError(f"{path / ENTRY_FILE} names a file outside the entry: {file!r}")
+        if not f.is_file():
+            raise CacheError(f"{f} is missing")
+        if _sha256(f) != sums.get(name):
+            raise CacheError(f"{f} does not match its checksum (corrupt)")
+    flags = meta.get("flags")
+    if not isinstance(flags, dict):
+        raise CacheError(f"{path / ENTRY_FILE} is malformed (flags)")
+    foreign = sorted(set(flags) - ENTRY_FLAGS)
+    if foreign:
+        raise CacheError(f"{path}: sets Paddle flag {foreign[0]}, which graphopt never records "
+                         "(refused: flags change how Paddle runs everything after them)")
+
+
+def _check_ops(path: Path, program: paddle.pir.Program, what: str) -> None:
+    """Refuse a loaded program that holds an op graphopt never makes (file I/O, callbacks)."""
+    for op in walk_ops(program.global_block()):
+        if op.name() in FORBIDDEN_OPS:
+            raise CacheError(f"{path}: its {what} holds {op.name()}, which reads or writes "
+                             "files; graphopt never makes it (refused)")
+
+
 def load_entry(path: Path, bundle: ModelBundle, expect_key: str | None = None) -> Entry:
     """Load the entry at `path` onto the model `bundle` (built from the same config).
 
@@ -238,19 +289,14 @@ def _load_entry(path: Path, meta: dict[str, Any], bundle: ModelBundle,
                 expect_key: str | None) -> Entry:
     if expect_key is not None and meta.get("key") != expect_key:
         raise CacheError(f"{path} holds key {meta.get('key')}, expected {expect_key}")
-    material = meta.get("material", {})
+    verify_entry(path, meta)
+    material = meta["material"]
     for what, now in (("graphopt", graphopt.__version__), ("paddle", paddle.__version__)):
         if meta.get(what) != now:
             raise CacheError(f"made by {what} {meta.get(what)}, this is {now} (stale)")
     if "weights" in material and material["weights"] != _without_paths(bundle.provenance):
         raise CacheError("made for other weights than the model's")
     files = meta["files"]
-    for name, file in files.items():
-        f = path / file
-        if not f.is_file():
-            raise CacheError(f"{f} is missing")
-        if _sha256(f) != meta["sha256"].get(name):
-            raise CacheError(f"{f} does not match its checksum (corrupt)")
     try:
         program = _deserialize(path / files["program"])
         prologue = (HostPrologue(_deserialize(path / files["prologue"]),
@@ -261,6 +307,9 @@ def _load_entry(path: Path, meta: dict[str, Any], bundle: ModelBundle,
         raise
     except Exception as e:
         raise CacheError(f"{path}: cannot load: {type(e).__name__}: {e}") from None
+    _check_ops(path, program, "program")
+    if prologue is not None:
+        _check_ops(path, prologue.program, "host prologue")
 
     mp = ModelProgram(model=bundle, program=program, params=params,
                       host_inputs=list(meta["host_inputs"]), prologue=prologue,
@@ -280,6 +329,8 @@ def _load_entry(path: Path, meta: dict[str, Any], bundle: ModelBundle,
         mp.specialization = _specialization_from_json(meta.get("specialization"))
     except Exception as e:
         raise CacheError(f"{path}: cannot load its variants: {type(e).__name__}: {e}") from None
+    for v in mp.variants:
+        _check_ops(path, v.program, f"variant {v.name}")
     if meta.get("plan_options") is not None:
         plan_model_program(mp, **meta["plan_options"])
     return Entry(key=meta["key"], mp=mp, records=list(meta["records"]),
@@ -360,6 +411,15 @@ def _replay_file(entry: Path, settings: dict[str, Any]) -> Path:
     return entry / f"replay-{digest.hexdigest()[:12]}.json"
 
 
+def _binding(entry: Path) -> dict[str, Any] | None:
+    """What a replay record is bound to: the entry's key and its files' checksums."""
+    try:
+        meta = json.loads((entry / ENTRY_FILE).read_text())
+        return {"key": meta["key"], "sha256": meta["sha256"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def record_replay(entry: Path, settings: dict[str, Any], replay: dict[str, Any],
                   made_by: str) -> None:
     """Keep the replay check's result next to the entry, one file per replay `settings`.
@@ -369,23 +429,28 @@ def record_replay(entry: Path, settings: dict[str, Any], replay: dict[str, Any],
     steps, capture sizes, warm-ups, tolerances), so a hit with the same settings can show this
     result instead of computing it again. Written atomically; a read-only cache keeps none.
     """
-    text = json.dumps({"settings": settings, "replay": replay, "made_by": made_by},
-                      default=str)
+    text = json.dumps({"settings": settings, "replay": replay, "made_by": made_by,
+                       "entry": _binding(entry)}, default=str)
     with contextlib.suppress(OSError):
         fd, tmp = tempfile.mkstemp(dir=entry, prefix=".replay-")
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, _replay_file(entry, settings))
 
 
 def recorded_replay(entry: Path, settings: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
     """The replay result :func:`record_replay` kept for exactly these `settings`, and which run
-    made it; None when there is none, it is unreadable, or it found a mismatch (a failing check
-    is always run again, so its report is this run's)."""
+    made it; None when there is none, it is unreadable, it found a mismatch (a failing check
+    is always run again, so its report is this run's), or it was made for other contents
+    than the entry holds now (a record is trusted only with the files it checked; call it on
+    an entry that passed :func:`verify_entry`)."""
     try:
         data = json.loads(_replay_file(entry, settings).read_text())
         if data["settings"] != json.loads(json.dumps(settings, default=str)):
+            return None
+        binding = _binding(entry)
+        if binding is None or data.get("entry") != binding:
             return None
         replay, made_by = dict(data["replay"]), str(data["made_by"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -396,11 +461,32 @@ def recorded_replay(entry: Path, settings: dict[str, Any]) -> tuple[dict[str, An
 
 
 # -- the cache directory ------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class CompileCache:
     """Entries under one directory, one per key; safe for concurrent writers."""
 
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(os.path.expanduser(str(directory)))
+
+    def unsafe(self) -> str | None:
+        """Why other users could plant entries here (None: they cannot, or it does not exist
+        yet): the directory is writable by its group or everyone without the sticky bit, or
+        another user owns it. As pip and ccache do, graphopt warns and goes on."""
+        try:
+            st = self.dir.stat()
+        except OSError:
+            return None
+        if hasattr(os, "getuid") and st.st_uid != os.getuid():
+            return f"it is owned by uid {st.st_uid}, not by you (uid {os.getuid()})"
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            return (f"its mode {stat.filemode(st.st_mode)} lets other users write into it "
+                    "without the sticky bit")
+        return None
 
     def path(self, key: str) -> Path:
         return self.dir / key
@@ -423,9 +509,11 @@ class CompileCache:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.dir))
         try:
             write_entry(tmp, key, material, mp, records, hazards_before)
+            # readable as the user's umask says (mkdtemp makes the directory 0700)
+            mask = _umask()
             for f in tmp.iterdir():
-                os.chmod(f, 0o644)
-            os.chmod(tmp, 0o755)
+                os.chmod(f, 0o666 & ~mask)
+            os.chmod(tmp, 0o777 & ~mask)
             target = self.path(key)
             if replace and target.exists():
                 trash = Path(tempfile.mkdtemp(prefix=f".old-{key}-", dir=self.dir))

@@ -126,10 +126,11 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
                 entry = cache_info.get("entry")
                 if entry and Path(entry, ENTRY_FILE).is_file():  # the cache's, as is
                     link_entry(Path(entry), run_dir / "compiled")
-                else:
-                    write_entry(run_dir / "compiled", cache_info.get("key", ""),
-                                cache_info.get("material") or _key_material(cfg, pm, mp.model),
-                                mp, report.passes, hazards_before)
+                else:  # keyed like a cache entry: load() checks the key is its material's
+                    material = cache_info.get("material") or _key_material(cfg, pm, mp.model)
+                    write_entry(run_dir / "compiled", cache_info.get("key") or
+                                cache_key(material), material, mp, report.passes,
+                                hazards_before)
                 compiled = run_dir / "compiled" / "program.pir"
             report.artifacts = write_artifacts(mp, cfg, pipeline, run_dir, serialized=compiled)
             if compiled is not None:
@@ -294,6 +295,10 @@ def optimize_cached(
     material = _key_material(cfg, pm, bundle)
     key = cache_key(material)
     cache = CompileCache(cfg.cache.dir)
+    unsafe = cache.unsafe()
+    if unsafe:
+        print(f"graphopt: warning: cache.dir={cache.dir}: {unsafe}; anyone who can write there "
+              "can plant entries (README, 'Sharing a cache')", file=sys.stderr)
     info: dict[str, Any] = {"status": "miss", "key": key, "dir": str(cache.dir)}
     try:
         with _timed(timings, "cache_load"):

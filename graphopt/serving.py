@@ -13,18 +13,34 @@ This is how an inference engine consumes graphopt's output::
 The model is rebuilt from the config saved with the entry (its weights must hash the same), the
 optimized program, host prologue and flags are loaded, and the segment plan is cut again. Nothing
 is traced.
+
+A run directory or a cache entry is data, not code. Before anything of it is used, its key must
+be the hash of its material and every file must match its checksum; it may set only the Paddle
+flags graphopt records, and its programs may not hold ops that touch files. Its model is built
+only by a trusted builder: one of graphopt's families, a ``graphopt.models`` entry point of an
+installed package, or one the caller names (``builder="pkg.module.build"``). Any other
+``_target_`` is refused, with nothing run, unless the caller passes ``trust_remote_code=True``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import paddle
 
-from graphopt.cache import CacheError, CompileCache, Entry, load_entry, read_meta
-from graphopt.models import build_model
+from graphopt.cache import (
+    CacheError,
+    CompileCache,
+    Entry,
+    UntrustedEntryError,
+    load_entry,
+    read_meta,
+    verify_entry,
+)
+from graphopt.models import build_model, untrusted_targets
 from graphopt.runtime.capture import DEFAULT_CAPTURE_SIZES
 from graphopt.runtime.step import StepExecutor, WholeProgramStep
 from graphopt.runtime.variants import VariantStepExecutor
@@ -40,8 +56,13 @@ def resolve_entry(source: str | os.PathLike, cache_dir: str | os.PathLike | None
     for candidate in (path, path / RUN_DIR_ENTRY):
         if (candidate / "entry.json").is_file():
             return candidate
-    keyed = CompileCache(cache_dir or "~/.cache/graphopt").path(str(source))
+    cache = CompileCache(cache_dir or "~/.cache/graphopt")
+    keyed = cache.path(str(source))
     if (keyed / "entry.json").is_file():
+        unsafe = cache.unsafe()
+        if unsafe:
+            print(f"graphopt: warning: cache dir {cache.dir}: {unsafe}; anyone who can write "
+                  "there can plant entries (README, 'Sharing a cache')", file=sys.stderr)
         return keyed
     raise CacheError(f"{source}: not an entry, a run directory with {RUN_DIR_ENTRY}/, or a key "
                      f"in {keyed.parent}")
@@ -54,6 +75,8 @@ def load(
     backend: str = "emulator",
     capture_sizes: Sequence[int] = DEFAULT_CAPTURE_SIZES,
     num_warmups: int = 1,
+    builder: str | None = None,
+    trust_remote_code: bool = False,
 ) -> StepExecutor | VariantStepExecutor:
     """A ready step executor for the optimized step saved at `source` (see module docstring).
 
@@ -63,25 +86,39 @@ def load(
     :class:`VariantStepExecutor` (one if-free variant per branch combination, the general plan
     for the rest), as the run that saved it verified. A step saved without a segment plan
     raises: use :func:`load_whole` for it.
+
+    ``builder`` names the model builder you expect the entry to use (``module.function``), for
+    a model of your own; ``trust_remote_code=True`` accepts any builder it names (see the module
+    docstring: only for entries from people you trust).
     """
-    entry = _load(source, cache_dir)
+    entry = _load(source, cache_dir, builder, trust_remote_code)
     executor = VariantStepExecutor if entry.mp.variants else StepExecutor
     return executor(entry.mp, backend=backend, capture_sizes=capture_sizes,
                     num_warmups=num_warmups)
 
 
-def load_whole(source: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None
+def load_whole(source: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+               builder: str | None = None, trust_remote_code: bool = False
                ) -> WholeProgramStep:
     """The saved optimized program as one step, run in one call (no segments, no capture)."""
-    return WholeProgramStep(_load(source, cache_dir).mp)
+    return WholeProgramStep(_load(source, cache_dir, builder, trust_remote_code).mp)
 
 
-def _load(source: str | os.PathLike, cache_dir: str | os.PathLike | None) -> Entry:
+def _load(source: str | os.PathLike, cache_dir: str | os.PathLike | None,
+          builder: str | None = None, trust_remote_code: bool = False) -> Entry:
     path = resolve_entry(source, cache_dir)
     meta = read_meta(path)
-    model = meta.get("material", {}).get("model") if isinstance(meta.get("material"), dict) else None
+    verify_entry(path, meta)  # before anything of it is used
+    model = meta["material"].get("model")
     if not isinstance(model, dict):
         raise CacheError(f"{path / 'entry.json'} names no model config (malformed entry)")
+    foreign = untrusted_targets(model, [builder] if builder else [])
+    if foreign and not trust_remote_code:
+        raise UntrustedEntryError(
+            f"{path}: its model would run {foreign[0]!r}, which is not a graphopt family, a "
+            "graphopt.models entry point or the builder you named; nothing was run. If you "
+            f"trust whoever made it: load(..., builder={foreign[0]!r}) or "
+            "load(..., trust_remote_code=True)")
     bundle = build_model(model)
     entry = load_entry(path, bundle)
     if entry.mp.flags:

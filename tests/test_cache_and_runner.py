@@ -17,7 +17,7 @@ import numpy as np
 import paddle
 import pytest
 
-from graphopt.cache import CacheError, CompileCache, load_entry, read_meta
+from graphopt.cache import CacheError, CompileCache, cache_key, load_entry, read_meta
 from graphopt.config import validate
 from graphopt.driver import build_and_optimize, optimize
 from graphopt.ir.pir_utils import data_ops, output_values, static_mode
@@ -215,13 +215,14 @@ def test_corrupt_or_stale_entry_is_rebuilt_with_one_warning(tmp_path, capsys, da
 def test_two_writers_of_one_key_leave_one_valid_entry(tmp_path, tiny_mp):
     cache = CompileCache(tmp_path / "cache")
     material = {"test": 1}
-    assert cache.store("k1", material, tiny_mp, [], None) is True
-    assert cache.store("k1", material, tiny_mp, [], None) is False  # the first rename won
-    assert [p.name for p in cache.dir.iterdir()] == ["k1"]  # no temporary left behind
+    k1 = cache_key(material)
+    assert cache.store(k1, material, tiny_mp, [], None) is True
+    assert cache.store(k1, material, tiny_mp, [], None) is False  # the first rename won
+    assert [p.name for p in cache.dir.iterdir()] == [k1]  # no temporary left behind
     bundle = build_model(compose_cfg("model=tiny").model)
-    entry = load_entry(cache.path("k1"), bundle, expect_key="k1")
+    entry = load_entry(cache.path(k1), bundle, expect_key=k1)
     assert entry.mp.segments is not None
-    assert read_meta(cache.path("k1"))["key"] == "k1"
+    assert read_meta(cache.path(k1))["key"] == k1
 
 
 # -- serving ------------------------------------------------------------------------------------

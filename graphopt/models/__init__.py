@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+from collections.abc import Iterable, Mapping
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,36 @@ def builder_path(node: Any) -> str:
     hint = f" Did you mean '{close[0]}'?" if close else ""
     raise ConfigError(f"model.family={family!r}: unknown.{hint} Known families: "
                       f"{', '.join(sorted(known))} (more through the graphopt.models entry points)")
+
+
+def untrusted_targets(node: Any, named: Iterable[str] = ()) -> list[str]:
+    """The code a saved model config would run that nobody vouched for: its builder unless it
+    is a graphopt family, a ``graphopt.models`` entry point (an installed package) or one of
+    `named` (builders the caller names, ``module.function``), and every nested ``_target_``
+    (Hydra would instantiate those too). Empty: building it runs only trusted builders."""
+    trusted = {p.replace(":", ".") for p in families().values()}
+    trusted |= {n.replace(":", ".") for n in named}
+    out = []
+    target = node.get("_target_")
+    if target is not None and str(target) not in trusted:
+        out.append(str(target))
+    if target is None and node.get("family") is not None and node["family"] not in families():
+        out.append(f"family {node['family']}")
+
+    def nested(value: Any) -> None:
+        if isinstance(value, Mapping):
+            if "_target_" in value:
+                out.append(str(value["_target_"]))
+            for v in value.values():
+                nested(v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                nested(v)
+
+    for key, value in node.items():
+        if key != "_target_":
+            nested(value)
+    return out
 
 
 def check_builder(node: Any) -> None:
