@@ -247,3 +247,35 @@ def run_program(program: paddle.pir.Program, params: dict[str, Any],
                 feeds: dict[str, Any]) -> list[np.ndarray]:
     """One-shot: run `program` once and return its outputs as arrays."""
     return [o.numpy() for o in ProgramRunner(program, params).run(feeds)]
+
+
+def build_chunked_loop_program(seed: int = 0, chunk: int = 4) -> Built:
+    """FastDeploy's chunked MoE shape: a ``pd_op.while`` over a host trip count appending each
+    chunk's ``relu(2x @ w1)`` to a tensor array, concatenated after the loop, then ``@ w2``.
+    The array (``pd_op.create_array``) is defined before the loop and read after it."""
+    with static_mode():
+        main = paddle.static.Program()
+        with paddle.static.program_guard(main, paddle.static.Program()):
+            x = paddle.static.data("arg.0", [-1, HIDDEN], "float32")
+            num_chunks = paddle.static.data("meta.num_chunks", [1], "int32")
+            w1 = paddle.static.create_parameter([HIDDEN, HIDDEN], "float32", name="w1")
+            w2 = paddle.static.create_parameter([HIDDEN, HIDDEN], "float32", name="w2")
+            h = x * 2.0
+            pad = paddle.concat([h, paddle.zeros([chunk, HIDDEN], "float32")])
+            outs = paddle.tensor.create_array("float32")
+            i = paddle.zeros([1], "int32")
+
+            def cond(i, outs):
+                return paddle.less_than(i, num_chunks)
+
+            def body(i, outs):
+                rows = paddle.arange(chunk, dtype="int32") + i * chunk
+                part = paddle.nn.functional.relu(paddle.matmul(paddle.gather(pad, rows), w1))
+                paddle.tensor.array_write(part, paddle.cast(i, "int64"), array=outs)
+                return i + 1, outs
+
+            _, outs = paddle.static.nn.while_loop(cond, body, [i, outs])
+            joined = paddle.concat(outs)  # array_to_tensor of the array
+            logits = paddle.matmul(joined[: paddle.shape(x)[0]], w2)
+        add_output(main, logits, "logits")
+    return Built(main, _params(np.random.default_rng(seed)), ["meta.num_chunks"])

@@ -364,3 +364,41 @@ def test_golden_text_of_a_branch_segment(seed):
         CHECK-NOT: "pd_op.if"
         CHECK: "builtin.shadow_output" ([[R]]) {{output_name:"seg{body.id}.out0"}}
     """)
+
+
+# -- values that are not dense tensors: a tensor array around a loop ----------------------------
+@pytest.fixture(scope="module")
+def chunked():
+    return P.build_chunked_loop_program()
+
+
+def test_a_tensor_array_around_a_loop_stays_in_one_segment(chunked):
+    """FastDeploy's chunked MoE: a list the loop appends to, concatenated after it. A cut
+    between the array's creation and its last reader cannot feed a tensor array to the next
+    segment, so the span from pd_op.create_array to pd_op.array_to_tensor runs as one eager
+    segment; what comes before and after stays captured."""
+    plan = build_plan(chunked.program, ["pd_op.while"], chunked.host_inputs)
+    kinds = [(s.kind, s.ops[0], s.ops[-1]) for s in plan.segments]
+    assert kinds == [(CAPTURED, "pd_op.full", "pd_op.concat"),
+                     (EAGER, "pd_op.create_array", "pd_op.array_to_tensor"),
+                     (CAPTURED, "pd_op.shape64", "pd_op.matmul")]
+    assert "pd_op.while" in plan.segments[1].ops
+    assert plan.segments[1].reason.startswith(
+        "kept together: pd_op.create_array (pd_op.tensor_array<f32>) is used across a "
+        "blacklisted op")
+
+
+@pytest.mark.parametrize("tokens,chunks", [(1, 1), (4, 1), (10, 3), (16, 4)])
+def test_the_loop_plan_equals_the_whole_program(chunked, tokens, chunks):
+    plan = build_plan(chunked.program, ["pd_op.while"], chunked.host_inputs)
+    x = np.random.default_rng(tokens).standard_normal((tokens, P.HIDDEN)).astype("float32")
+    feeds = {"arg.0": x, "meta.num_chunks": np.array([chunks], dtype=np.int32)}
+    whole = run_program(chunked.program, chunked.params, feeds)
+    assert whole[0].shape == (tokens, P.HIDDEN)
+    assert float(np.abs(run_plan(plan, chunked.params, feeds)[0] - whole[0]).max()) == 0.0
+
+
+def test_a_list_not_split_by_a_blacklisted_op_is_captured_as_usual(chunked):
+    """Negative case: with nothing blacklisted the array never meets a boundary."""
+    plan = build_plan(chunked.program, [], chunked.host_inputs)
+    assert [s.kind for s in plan.segments] == [CAPTURED]

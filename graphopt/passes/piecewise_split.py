@@ -234,10 +234,55 @@ class _PlanBuilder:
         return sum(1 for p in self.index.with_nested(paths)
                    if self.index.ops[p].name() not in NON_COMPUTE_OPS)
 
+    def _kept_together(self, bpath: BlockPath) -> dict[int, tuple[int, str]]:
+        """Spans of the block's ops that a cut would break: from an op defining a value that
+        is not a dense tensor (a tensor array a loop appends to, a ``builtin.combine`` list) to
+        its last reader in this block (a reader inside a loop or branch counts as that op),
+        when a blacklisted op lies inside, so a boundary would fall in between. Overlapping
+        spans are merged. Returns start -> (end, why)."""
+        ops = self.index.block_ops[bpath]
+        pos = {p: i for i, p in enumerate(ops)}
+        depth = len(bpath) + 1
+        spans: list[list[Any]] = []
+        for i, p in enumerate(ops):
+            for key in self.index.result_keys(p):
+                if self.index.values[key].is_dense_tensor_type():
+                    continue
+                last = max([i, *(pos[u[:depth]] for u in self.index.uses.get(key, [])
+                                 if u[:depth] in pos)])
+                if last > i:
+                    spans.append([i, last, f"{self.index.ops[p].name()} "
+                                  f"({self.index.values[key].type()})"])
+        spans.sort()
+        merged: list[list[Any]] = []
+        for span in spans:
+            if merged and span[0] <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], span[1])
+            else:
+                merged.append(span)
+        return {start: (end, why) for start, end, why in merged
+                if any(self.index.ops[ops[k]].name() in self.black
+                       for k in range(start, end + 1))}
+
     def split_block(self, bpath: BlockPath) -> list[Segment]:
         out: list[Segment] = []
         run: list[OpPath] = []
-        for path in self.index.block_ops[bpath]:
+        together = self._kept_together(bpath)
+        skip_to = -1
+        for i, path in enumerate(self.index.block_ops[bpath]):
+            if i <= skip_to:
+                continue
+            if i in together:  # one uncaptured segment: no boundary inside the span
+                end, why = together[i]
+                self._flush(run, bpath, out)
+                run = []
+                span = [p for p in self.index.block_ops[bpath][i:end + 1]
+                        if self.index.ops[p].name() not in INTERFACE_OPS]
+                out.append(self._run_segment(
+                    span, bpath, EAGER, f"kept together: {why} is used across a blacklisted "
+                    "op (a loop or branch), so no boundary may cut it; runs uncaptured"))
+                skip_to = end
+                continue
             name = self.index.ops[path].name()
             if name in INTERFACE_OPS:
                 continue  # no runtime work to order: neither joins nor breaks a run
