@@ -29,8 +29,10 @@ import json
 import os
 import shutil
 import stat
+import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,10 +80,14 @@ class UntrustedEntryError(CacheError):
 
 
 def key_material(model_cfg: dict[str, Any], provenance: dict[str, Any],
-                 pipeline: list[dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
+                 pipeline: list[dict[str, Any]], options: dict[str, Any],
+                 code: dict[str, str] | None = None) -> dict[str, Any]:
     """Everything an optimized step depends on: the model's config, its weights' hash, the
-    pipeline with every option, the run's other options, graphopt's and Paddle's versions."""
+    pipeline with every option, the run's other options, graphopt's and Paddle's versions, and
+    `code`: digests of the sources outside graphopt the step comes from (plug-in passes, the
+    model's builder and Layer classes; see :func:`code_digests`)."""
     return {
+        "code": dict(sorted((code or {}).items())),
         "format": ENTRY_FORMAT,
         "model": model_cfg,
         "weights": _without_paths(provenance),
@@ -103,6 +109,24 @@ def source_digest() -> str:
     for f in sorted(root.rglob("*.py")):
         digest.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def code_digests(objects: Iterable[Any]) -> dict[str, str]:
+    """sha256 (16 hex digits) of the source file of each object's module, by module name, for
+    the modules that are neither graphopt's own (:func:`source_digest` covers those) nor
+    Paddle's (its version is in the key): so an edited plug-in pass, model builder or model
+    Layer misses the cache. An object whose module has no source file is skipped."""
+    root = Path(graphopt.__file__).parent
+    out: dict[str, str] = {}
+    for obj in objects:
+        module = sys.modules.get(getattr(obj, "__module__", None) or "")
+        if module is None or module.__name__.split(".")[0] in ("graphopt", "paddle"):
+            continue
+        path = getattr(module, "__file__", None)
+        if not path or not Path(path).is_file() or Path(path).is_relative_to(root):
+            continue
+        out[module.__name__] = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return out
 
 
 def cache_key(material: dict[str, Any]) -> str:

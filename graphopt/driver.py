@@ -28,6 +28,7 @@ from graphopt.cache import (
     CacheError,
     CompileCache,
     cache_key,
+    code_digests,
     key_material,
     link_entry,
     record_replay,
@@ -38,7 +39,7 @@ from graphopt.config import capture_check, validate
 from graphopt.errors import ConfigError, VerificationError, one_line
 from graphopt.ir.model_program import ModelProgram
 from graphopt.ir.trace import trace_step
-from graphopt.models import build_model
+from graphopt.models import build_model, builder_path
 from graphopt.models.base import ModelBundle
 from graphopt.passes.analysis.placement import hazards_of
 from graphopt.passes.base import PassRecord, Stage
@@ -276,7 +277,16 @@ def _key_material(cfg: DictConfig, pm: PassManager, bundle: ModelBundle) -> dict
         pm.resolved(),
         # the trace batch comes from verify.seed's generator
         {"full_cuda_graph": bool(cfg.full_cuda_graph), "verify.seed": int(cfg.verify.seed)},
+        # code outside graphopt the step comes from: plug-in passes, the model's own classes
+        code_digests([*(type(p) for p in pm.passes), _builder(cfg.model),
+                      *(type(layer) for layer in [bundle.layer, *bundle.layer.sublayers()])]),
     )
+
+
+def _builder(model: Any) -> Any:
+    """The model's builder function (for its module's digest); None if it cannot be found."""
+    module, _, attr = builder_path(model).rpartition(".")
+    return getattr(sys.modules.get(module), attr, None)
 
 
 def optimize_cached(

@@ -257,3 +257,65 @@ def test_load_a_run_dir_or_a_key_without_tracing(tmp_path):
 def test_load_names_what_it_cannot_find(tmp_path):
     with pytest.raises(CacheError, match="not an entry"):
         load(tmp_path / "nothing", cache_dir=tmp_path)
+
+
+# -- the key sees code outside graphopt ----------------------------------------------------------
+PLUGIN_PASS = '''
+from graphopt.passes.base import Pass, PassResult, Stage
+from graphopt.passes.registry import register_pass
+
+
+@register_pass
+class EditedPlugin(Pass):
+    name = "edited-plugin"
+    summary = "does nothing (a plug-in pass whose source the test edits)"
+    stage = Stage.PROGRAM
+
+    def run(self, mp):
+        return PassResult(modified=False, stats={})
+'''
+
+PLUGIN_MODEL = '''
+from graphopt.models.tiny import build as tiny_build
+
+
+def build(**keys):
+    return tiny_build(**keys)
+'''
+
+
+@pytest.mark.parametrize("what", ["pass", "model"])
+def test_editing_a_plugin_pass_or_a_target_model_misses_the_cache(tmp_path, monkeypatch, what):
+    import importlib
+    import sys
+
+    from graphopt.passes import registry
+
+    mod = f"edited_plugin_{what}"
+    src = tmp_path / f"{mod}.py"
+    src.write_text(PLUGIN_PASS if what == "pass" else PLUGIN_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module(mod)
+    cache_dir = tmp_path / "cache"
+    extra = (["pipeline.passes=[capture-control-flow,hoist-host-branch-conditions,"
+              "cudagraph-blacklist-injection,edited-plugin,piecewise-split]"]
+             if what == "pass" else [])
+
+    def run(name):
+        cfg = compose_cfg("model=tiny", "cache.enabled=true", f"cache.dir={cache_dir}",
+                          "verify.steps=2", *extra)
+        if what == "model":
+            cfg.model._target_ = f"{mod}.build"
+        return optimize(cfg, run_dir=tmp_path / name)["cache"]
+
+    try:
+        first, second = run("a"), run("b")
+        assert (first["status"], second["status"]) == ("miss", "hit")
+        src.write_text(src.read_text() + "\n# edited\n")
+        registry._REGISTRY.pop("edited-plugin", None)
+        importlib.reload(sys.modules[mod])
+        third = run("c")
+        assert third["status"] == "miss" and third["key"] != first["key"]
+    finally:
+        registry._REGISTRY.pop("edited-plugin", None)
+        sys.modules.pop(mod, None)
