@@ -22,6 +22,7 @@ goes to the run's ``cli.log``; progress lines show only on a terminal.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ from typing import Any, TextIO
 
 import hydra
 from hydra import compose, initialize_config_module
+from hydra._internal.utils import get_args_parser
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -42,7 +44,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from paddle.jit.sot.utils.info_collector import InfoCollector
 
-from graphopt.config import SCHEMA_SUFFIX, register_configs, validate
+from graphopt.config import SCHEMA_SUFFIX, config_warnings, register_configs, validate
 from graphopt.driver import optimize
 from graphopt.errors import ConfigError, GraphoptError, VerificationError, one_line
 from graphopt.passes.listing import describe_passes
@@ -80,6 +82,71 @@ def _hydra_one_line(e: Exception) -> str:
     return text
 
 
+def check_grammar(argv: list[str]) -> None:
+    """Raise a one-line ConfigError for the slips Hydra's grammar reports as a usage page or a
+    parser trace: a dashed override (``--model=tiny``), spaces around '=' (``model = tiny``), a
+    word that is no override, and an unquoted value Hydra's lexer cannot read (non-ASCII)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            known, unknown = get_args_parser().parse_known_args(argv)
+    except SystemExit:  # a malformed Hydra flag (``--cfg nope``): Hydra reports it itself
+        return
+    _check_dashed(argv, unknown)
+    _check_words(list(known.overrides))
+
+
+def _check_dashed(argv: list[str], unknown: list[str]) -> None:
+    """``--model=tiny`` / ``--model tiny``: Hydra has no such flag; overrides take no dashes."""
+    for arg in unknown:
+        if not arg.startswith("-"):
+            continue
+        key, eq, value = arg.lstrip("-").partition("=")
+        if not eq:
+            i = argv.index(arg)
+            after = argv[i + 1] if i + 1 < len(argv) else ""
+            value = after if after and "=" not in after and not after.startswith("-") else "..."
+        raise ConfigError(f"{arg}: not an option; overrides are written without dashes: "
+                          f"{key}={value} (Hydra's own options: --help)")
+
+
+def _glued(words: list[str]) -> list[list[str]]:
+    """`words` grouped into overrides: the pieces of ``key = value`` (spaces around '=') go
+    into one group."""
+    out: list[list[str]] = []
+    for w in words:
+        last = "".join(out[-1]) if out else ""
+        if out and ((w.startswith("=") and "=" not in last)
+                    or (last.endswith("=") and "=" not in w and not w.startswith("~"))):
+            out[-1].append(w)
+        else:
+            out.append([w])
+    return out
+
+
+def _check_words(overrides: list[str]) -> None:
+    """Each override is one word ``key=value`` (``~key`` deletes) that Hydra's lexer reads."""
+    for pieces in _glued(overrides):
+        if len(pieces) > 1:
+            raise ConfigError(f"'{' '.join(pieces)}': write {''.join(pieces)} as one word, with "
+                              "no spaces around '='")
+    parser = OverridesParser.create()
+    for word in overrides:
+        if "=" not in word and not word.startswith("~"):
+            raise ConfigError(f"'{word}' is not an override: write key=value, e.g. model=tiny "
+                              "(no spaces around '=')")
+        try:
+            parser.parse_overrides([word])
+        except Exception:
+            key, _, value = word.partition("=")
+            # a list or a sweep would become one string if quoted whole: left to Hydra's line
+            if (value and not value.isascii() and not value.startswith(("[", "{"))
+                    and not any(c in value for c in "\"',")):
+                raise ConfigError(f"{key}: Hydra reads a value with non-ASCII characters only "
+                                  f"quoted: write '{key}=\"{value}\"' (quotes included)") \
+                    from None
+            # anything else: check_config reports Hydra's own parse error as one line
+
+
 def _search_path(overrides: list[str]) -> list[str]:
     """The user's ``hydra.searchpath=[...]`` override, if any, to compose with it too."""
     return [o for o in overrides if o.lstrip("+").startswith("hydra.searchpath=")]
@@ -98,6 +165,7 @@ def preflight(argv: list[str]) -> str | None:
 def check_argv(argv: list[str], config: bool = True) -> Path | None:
     """:func:`check_config` (unless not `config`), then the run directory; return it (None:
     Hydra's own mode, e.g. a sweep or ``--cfg``, which is checked per job or writes nothing)."""
+    check_grammar(argv)
     if config and check_config(argv) is None:
         return None
     if not config and _hydra_mode(argv):
@@ -107,7 +175,37 @@ def check_argv(argv: list[str], config: bool = True) -> Path | None:
     if run_dir is None:
         return None
     flags = _flags(overrides)
+    _STATE["made"] = _first_missing(run_dir.expanduser().absolute())
     return check_run_dir(run_dir, overwrite=flags.get("overwrite", False))
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of `path` that does not exist yet (None: it all exists)."""
+    missing = None
+    while not path.exists() and path != path.parent:
+        missing, path = path, path.parent
+    return missing
+
+
+def _drop_unused_run_dir(run_dir: Path) -> None:
+    """A run that stopped before Hydra wrote anything (its own usage error, say) leaves no
+    directory holding only a lock: release the lock, then remove the directories this process
+    made, if they are empty."""
+    lock = _STATE.get("lock")
+    if lock is not None and Path(lock.path).parent == run_dir:
+        lock.release()
+    made = _STATE.get("made")
+    if made is None:
+        return
+    path = run_dir
+    while True:
+        try:
+            path.rmdir()  # only an empty directory goes
+        except OSError:
+            return
+        if path == made or path == path.parent:
+            return
+        path = path.parent
 
 
 def _flags(overrides: list[str]) -> dict[str, bool]:
@@ -153,6 +251,7 @@ def check_config(argv: list[str]) -> DictConfig | None:
 
     Returns None (nothing checked) for sweeps (checked per job) and Hydra's info flags.
     """
+    check_grammar(argv)
     overrides = [a for a in argv if not a.startswith("-") and "=" in a]
     if _hydra_mode(argv):
         return None
@@ -178,6 +277,8 @@ def check_config(argv: list[str]) -> DictConfig | None:
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> tuple[int, str]:
     """One job: errors become one line and an exit code (2: bad input, 1: a failed run)."""
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    for warning in config_warnings(cfg):
+        print(f"graphopt: warning: {warning}", file=sys.stderr)
     try:
         optimize(cfg, run_dir)
         return 0, ""
@@ -246,8 +347,9 @@ class _Stream:
         return getattr(self._stream, name)
 
 
-#: what an interrupt must clean up: the run directory and its lock
-_STATE: dict[str, Any] = {"run_dir": None, "lock": None}
+#: what an interrupt must clean up: the run directory and its lock (and the outermost
+#: directory of it this process made, if any)
+_STATE: dict[str, Any] = {"run_dir": None, "lock": None, "made": None}
 #: when this process started (a file modified since was written by this run)
 _STARTED = time.time() - 1.0
 
@@ -437,7 +539,11 @@ def main() -> None:
     except (ConfigError, RunDirError) as e:
         print(f"graphopt: error: {e}", file=sys.stderr)
         sys.exit(2)
-    _hydra_main()
+    try:
+        _hydra_main()
+    finally:
+        if run_dir is not None:
+            _drop_unused_run_dir(run_dir)
     if _FAILED_JOBS:
         print(f"graphopt: {len(_FAILED_JOBS)} sweep job(s) failed: "
               + ", ".join(d for d, _ in _FAILED_JOBS), file=sys.stderr)

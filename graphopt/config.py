@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import importlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +23,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from graphopt.errors import ConfigError
-from graphopt.models import check_builder, check_model
+from graphopt.models import builder_path, check_builder, check_model
 from graphopt.models.deepseek_v3.config import DeepseekV3Node
 from graphopt.models.tiny import TinyNode
 from graphopt.passes.manager import PassManager
@@ -215,6 +217,10 @@ def validate(cfg: DictConfig) -> PassManager:
     typed(cfg)
     check_builder(cfg.model)
     check_model(cfg.model)
+    check_capture_sizes(cfg)
+    if cfg.runtime.device == Device.cpu.value:
+        # on a GPU the parameters live in device memory, which this check does not read
+        check_memory(cfg.model)
     check_backend(str(cfg.runtime.backend))
     if cfg.runtime.device == Device.gpu.value and not paddle.is_compiled_with_cuda():
         raise ConfigError("runtime.device=gpu needs a CUDA build of Paddle (paddlepaddle-gpu "
@@ -225,6 +231,90 @@ def validate(cfg: DictConfig) -> PassManager:
                           "runtime.device=gpu too (runtime=gpu sets both)")
     return PassManager.from_config(list(cfg.pipeline.passes), cfg.pipeline.options,
                                    verify_each=cfg.verify_each)
+
+
+def max_tokens(model: Any) -> int | None:
+    """Most tokens one step of the model can hold: ``max_num_seqs * max_seq_len`` (every
+    sequence filling its cache rows); None when the model node has no such keys."""
+    seqs, length = model.get("max_num_seqs"), model.get("max_seq_len")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (seqs, length)):
+        return None
+    return int(seqs) * int(length)
+
+
+def check_capture_sizes(cfg: DictConfig) -> None:
+    """A capture size above the model's :func:`max_tokens` is never used by any batch, and
+    capturing it costs memory in proportion: refuse it, naming the limit and how to raise it."""
+    limit = max_tokens(cfg.model)
+    sizes = [int(s) for s in cfg.runtime.cudagraph_capture_sizes]
+    if limit is None or not sizes or sizes[-1] <= limit:
+        return
+    bad = next(s for s in sizes if s > limit)
+    fits = [s for s in sizes if s <= limit] or [limit]
+    raise ConfigError(
+        f"runtime.cudagraph_capture_sizes: size {bad} is above the model's maximum of {limit} "
+        f"tokens a step (model.max_num_seqs={cfg.model.max_num_seqs} x "
+        f"model.max_seq_len={cfg.model.max_seq_len}): use sizes <= {limit}, e.g. "
+        f"runtime.cudagraph_capture_sizes=[{','.join(map(str, fits))}], or raise "
+        "model.max_num_seqs / model.max_seq_len")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can give a new process now: /proc/meminfo's MemAvailable
+    (page cache it can drop included), else free physical pages; None if neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def check_memory(model: Any) -> None:
+    """Refuse a model whose parameters and caches alone (its family's ``estimate_memory(**keys)``,
+    counted from the config: see :class:`graphopt.models.base.MemoryEstimate`) exceed the
+    memory this machine has available, before it is built."""
+    module_name = builder_path(model).rsplit(".", 1)[0]
+    estimate_memory = getattr(importlib.import_module(module_name), "estimate_memory", None)
+    if not callable(estimate_memory):
+        return  # a family of the user's own that gives no estimate
+    keys = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) \
+        else dict(model)
+    est = estimate_memory(**{k: v for k, v in keys.items() if k not in ("_target_", "family")})
+    available = available_memory()
+    if available is None or est.total <= available:
+        return
+    reduce = ", ".join(f"model.{k} (now {v})" for k, v in est.reduce.items())
+    raise ConfigError(
+        f"model: needs at least {_gib(est.total)} of memory (parameters {_gib(est.parameters)} "
+        f"+ KV caches {_gib(est.caches)}, float32, counted from the config) but this machine "
+        f"has {_gib(available)} available: reduce {reduce}")
+
+
+def config_warnings(cfg: DictConfig) -> list[str]:
+    """Settings that are valid but do nothing as given, one line each (shown, not refused):
+    the cache's keys while the cache is off (``cache.dir`` compared with its default, since a
+    composed config does not say who set it)."""
+    out = []
+    if not cfg.cache.enabled:
+        ignored = []
+        if str(cfg.cache.dir) != CacheConfig.dir:
+            ignored.append(f"cache.dir={cfg.cache.dir}")
+        if cfg.cache.replay_on_hit:
+            ignored.append("cache.replay_on_hit=true")
+        if ignored:
+            out.append(f"{' and '.join(ignored)} ignored: the compile cache is off; add "
+                       "cache.enabled=true to use it")
+    return out
 
 
 def capture_check(runtime: Any) -> CaptureCheck | None:

@@ -26,6 +26,7 @@ from graphopt.models.deepseek_v3.config import resolve_config, write_hf_config
 from graphopt.models.deepseek_v3.weights import save_hf_safetensors
 from graphopt.passes import listing
 from graphopt.report.rundir import RunDirLock
+from tests.cli_runs import run_cli
 from tests.conftest import REPO, compose_cfg
 
 OPTIMIZE = str(REPO / "tools" / "optimize.py")
@@ -398,3 +399,166 @@ def test_bench_bad_key_is_one_line_exit_2(override, key, tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert_one_line(r.stderr, key)
     assert not (tmp_path / "bench.json").exists()
+
+
+# -- careless command lines (issue 20): Hydra's grammar, absurd sizes, ignored keys ------------
+
+GRAMMAR = [
+    ("dashed override", ["--model=tiny"], "overrides are written without dashes: model=tiny"),
+    ("spaces around =", ["model", "=", "tiny"],
+     "'model = tiny': write model=tiny as one word, with no spaces around '='"),
+    ("unquoted non-ASCII value", ["model.weights=/tmp/模型/w.safetensors"],
+     """write 'model.weights="/tmp/模型/w.safetensors"'"""),
+]
+
+
+@pytest.mark.parametrize("args,needle", [g[1:] for g in GRAMMAR], ids=[g[0] for g in GRAMMAR])
+def test_cli_grammar_slip_is_one_line_and_leaves_no_run_dir(args, needle, tmp_path):
+    run_dir = tmp_path / "run" / "x"
+    r = run_cli(*args, f"hydra.run.dir={run_dir}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = assert_one_line(r.stderr, needle)
+    assert line.startswith("graphopt: error: ")
+    assert r.stdout == ""
+    assert not (tmp_path / "run").exists()  # not even a directory holding only a lock
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "tiny"], "--model: not an option; overrides are written without dashes: "
+                          "model=tiny"),
+    (["model=", "tiny"], "write model=tiny as one word"),
+    (["model", "=tiny"], "write model=tiny as one word"),
+    (["model=tiny", "runtime", "=", "cpu"], "'runtime = cpu': write runtime=cpu"),
+    (["tiny"], "'tiny' is not an override: write key=value"),
+    (["+model.name=é"], """write '+model.name="é"'"""),
+])
+def test_grammar_slips_in_preflight(args, needle, tmp_path):
+    run_dir = tmp_path / "run"
+    assert_one_line(cli.preflight([*args, f"hydra.run.dir={run_dir}"]) or "", needle)
+    assert not run_dir.exists()
+
+
+def test_quoted_non_ascii_value_is_accepted(tmp_path):
+    # what the error above tells the user to write is read by Hydra (the file is checked later)
+    assert cli.preflight(['model.weights="/tmp/模型/w.safetensors"',
+                          f"hydra.run.dir={tmp_path / 'run'}"]) is None
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_run_stopped_before_hydra_wrote_leaves_no_lock_only_dir(existed, tmp_path, monkeypatch):
+    """Hydra's own usage error (or anything else) after the run dir is claimed: the lock goes,
+    and so do the directories this process made; a folder that was there stays."""
+    monkeypatch.setattr(cli, "_STATE", {"run_dir": None, "lock": None, "made": None})
+    if existed:
+        (tmp_path / "a" / "b").mkdir(parents=True)
+    run_dir = cli.check_argv(["model=tiny", f"hydra.run.dir={tmp_path / 'a' / 'b'}"])
+    assert run_dir is not None
+    cli._claim(run_dir, overwrite=False)
+    assert (run_dir / ".graphopt.lock").exists()
+    cli._drop_unused_run_dir(run_dir)
+    assert not (run_dir / ".graphopt.lock").exists()
+    assert (tmp_path / "a" / "b").is_dir() == existed
+    assert (tmp_path / "a").exists() == existed
+
+
+SIZES = [
+    ("capture size above max tokens", ["runtime.cudagraph_capture_sizes=[1,2,100000]"],
+     "runtime.cudagraph_capture_sizes: size 100000 is above the model's maximum of 512 tokens "
+     "a step (model.max_num_seqs=8 x model.max_seq_len=64)"),
+    ("tiny: capture size one above", ["model=tiny", "runtime.cudagraph_capture_sizes=[1,64,65]"],
+     "size 65 is above the model's maximum of 64 tokens"),
+    ("layers beyond any machine", ["model.num_hidden_layers=1000000"],
+     "reduce model.num_hidden_layers (now 1000000)"),
+    ("caches beyond any machine", ["model=tiny", "model.max_num_seqs=100000",
+                                   "model.max_seq_len=100000"],
+     "reduce model.max_num_seqs (now 100000), model.max_seq_len (now 100000)"),
+]
+
+
+@pytest.mark.parametrize("args,needle", [s[1:] for s in SIZES], ids=[s[0] for s in SIZES])
+def test_absurd_sizes_fail_in_preflight(args, needle, tmp_path):
+    run_dir = tmp_path / "run"
+    assert_one_line(cli.preflight([*args, f"hydra.run.dir={run_dir}"]) or "", needle)
+    assert not run_dir.exists()
+
+
+def test_capture_sizes_up_to_max_tokens_pass(tmp_path):
+    assert cli.preflight(["model=tiny", "runtime.cudagraph_capture_sizes=[1,64]",
+                          f"hydra.run.dir={tmp_path / 'run'}"]) is None
+
+
+def test_memory_estimate_names_estimate_machine_and_keys(monkeypatch, tmp_path):
+    from graphopt import config
+
+    monkeypatch.setattr(config, "available_memory", lambda: 8 * 2**30)
+    err = cli.preflight(["model.num_hidden_layers=10000", f"hydra.run.dir={tmp_path / 'r'}"])
+    line = assert_one_line(err or "", "model: needs at least 38.4 GiB of memory (parameters "
+                           "36.7 GiB + KV caches 1.7 GiB, float32, counted from the config)")
+    assert "but this machine has 8.0 GiB available: reduce model.num_hidden_layers (now 10000)" \
+        in line
+    monkeypatch.setattr(config, "available_memory", lambda: 64 * 2**30)
+    assert cli.preflight(["model.num_hidden_layers=10000",
+                          f"hydra.run.dir={tmp_path / 'r'}"]) is None
+
+
+@pytest.mark.parametrize("overrides", [("model=tiny",), ("model=dsv3", "model.num_hidden_layers=3"),
+                                       ("model=dsv3", "model.q_lora_rank=null",
+                                        "+model.moe_layer_freq=2")])
+def test_memory_estimate_counts_what_the_build_makes(overrides):
+    """The estimate is the built model's parameter and cache bytes, exactly (float32)."""
+    from omegaconf import OmegaConf
+
+    from graphopt.models import builder_path
+
+    node = compose_cfg(*overrides).model
+    bundle = build_model(node)
+    params = sum(int(np.prod(p.shape)) * 4 for p in bundle.layer.parameters())
+    caches = sum(int(np.prod(t.shape)) * 4 for t in bundle.meta.caches)
+    module = __import__(builder_path(node).rsplit(".", 1)[0], fromlist=["estimate_memory"])
+    keys = {k: v for k, v in OmegaConf.to_container(node).items() if k != "_target_"}
+    est = module.estimate_memory(**keys)
+    assert (est.parameters, est.caches) == (params, caches)
+
+
+def test_cache_keys_without_the_cache_are_a_warning():
+    from graphopt.config import config_warnings
+
+    assert config_warnings(compose_cfg("model=tiny")) == []
+    assert config_warnings(compose_cfg("model=tiny", "cache.enabled=true",
+                                       "cache.dir=/x")) == []
+    (line,) = config_warnings(compose_cfg("model=tiny", "cache.dir=/x"))
+    assert line == ("cache.dir=/x ignored: the compile cache is off; add cache.enabled=true "
+                    "to use it")
+
+
+def _python_m_graphopt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = _env(PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
+                                          if p))
+    return subprocess.run([sys.executable, "-m", "graphopt", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env)
+
+
+def test_python_m_graphopt_help_and_a_bad_input(tmp_path):
+    # run from elsewhere than the checkout: Hydra's config path is the package's own
+    r = _python_m_graphopt("--help", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "== Configuration groups ==" in r.stdout and "model: dsv3" in r.stdout
+    r = _python_m_graphopt("--model=tiny", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 2
+    assert_one_line(r.stderr, "overrides are written without dashes: model=tiny")
+    assert not (tmp_path / "run").exists()
+
+
+def test_python_m_graphopt_runs_tiny_and_warns_of_an_ignored_cache_dir(tmp_path):
+    """``python -m graphopt model=tiny`` end to end; ``cache.dir`` without the cache is one
+    warning line (and no cache is made there), not a failure."""
+    run_dir, cache_dir = tmp_path / "run", tmp_path / "cache"
+    r = _python_m_graphopt("model=tiny", f"cache.dir={cache_dir}", f"hydra.run.dir={run_dir}",
+                           cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_one_line(r.stderr, f"graphopt: warning: cache.dir={cache_dir} ignored: the compile "
+                    "cache is off; add cache.enabled=true")
+    assert json.loads((run_dir / "report.json").read_text())["cache"]["status"] == "off"
+    assert f"graphopt: run directory {run_dir}" in r.stdout
+    assert "cache.enabled=true" in (run_dir / "cli.log").read_text()
+    assert not cache_dir.exists()

@@ -142,6 +142,32 @@ class ModelBundle:
                 setattr(owner, attr, new)
 
 
+#: bytes of one float32 value: every family builds its parameters and caches in float32
+FLOAT32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What a model's config says it will hold once built, counted before building it.
+
+    Counts the parameters and the KV caches only, at the bytes per value of the dtype they are
+    built in (float32: 4). Not counted: Paddle itself, activations, the traced programs,
+    captured graphs and verification copies, so a run needs more than this (a 61-layer
+    CPU-sized DeepSeek-V3 peaks at about 1.6 GiB, of which 0.23 GiB is counted here): a lower
+    bound, good for refusing a config that cannot fit, not for promising that one will.
+    """
+
+    parameters: int  #: bytes
+    caches: int  #: bytes
+    #: the model keys that shrink it most, with their current values (named in the error)
+    reduce: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        """Parameters plus caches, in bytes."""
+        return self.parameters + self.caches
+
+
 def _put_back(owner: Any, attr: str, original: Any) -> None:
     if original is _INHERITED:
         delattr(owner, attr)

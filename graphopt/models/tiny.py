@@ -18,7 +18,7 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from graphopt.errors import ConfigError
-from graphopt.models.base import ModelBundle
+from graphopt.models.base import FLOAT32_BYTES, MemoryEstimate, ModelBundle
 from graphopt.models.slots import slot_model_bundle, step_attention_inputs, write_cache
 
 
@@ -140,6 +140,19 @@ class TinyNode:
                     "max_num_seqs", "max_seq_len"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key}={getattr(self, key)}: must be a positive integer")
+
+
+def estimate_memory(name: str = "tiny", seed: int = 0, **sizes: Any) -> MemoryEstimate:
+    """Parameters and caches of the model these keys build (see :class:`MemoryEstimate`)."""
+    c = TinyConfig(**{k: v for k, v in sizes.items() if k in TinyConfig.__dataclass_fields__})
+    h, lat = c.hidden_size, c.latent_dim
+    per_layer = 4 * h * lat + h * h  # q, kv, prefill, decode projections; the MLP
+    params = 2 * c.vocab_size * h + c.num_hidden_layers * per_layer  # + embedding, lm_head
+    # one cache per layer, with the scratch slot padding tokens write to
+    cache = c.num_hidden_layers * (c.max_num_seqs + 1) * c.max_seq_len * lat
+    reduce = ({"num_hidden_layers": c.num_hidden_layers, "hidden_size": h} if params >= cache
+              else {"max_num_seqs": c.max_num_seqs, "max_seq_len": c.max_seq_len})
+    return MemoryEstimate(params * FLOAT32_BYTES, cache * FLOAT32_BYTES, reduce)
 
 
 def build(name: str = "tiny", seed: int = 0, **sizes: Any) -> ModelBundle:

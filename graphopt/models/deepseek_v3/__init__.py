@@ -12,11 +12,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from graphopt.models.base import ModelBundle, file_provenance
+from graphopt.models.base import FLOAT32_BYTES, MemoryEstimate, ModelBundle, file_provenance
 from graphopt.models.deepseek_v3.config import (
     SHIPPED_CONFIG_JSON,
     DeepseekV3Config,
     DeepseekV3Node,
+    cache_values,
+    parameter_count,
     resolve_config,
     write_hf_config,
 )
@@ -33,12 +35,27 @@ from graphopt.models.deepseek_v3.weights import (
 from graphopt.models.slots import slot_model_bundle
 
 __all__ = ["DeepseekV3Config", "DeepseekV3ForCausalLM", "DeepseekV3MLAAttention", "DeepseekV3Node", "build",
-           "check", "save"]
+           "check", "estimate_memory", "save"]
 
 
 def check(**node: Any) -> None:
     """Validate the ``model`` node's config (config.json and overrides) without building."""
     resolve_config(node)
+
+
+def estimate_memory(**node: Any) -> MemoryEstimate:
+    """Parameters and latent caches of the model the node's keys build, counted from its
+    config without building it (see :class:`MemoryEstimate`)."""
+    config = resolve_config(node)
+    params = parameter_count(config) * FLOAT32_BYTES
+    caches = cache_values(config) * FLOAT32_BYTES
+    if params >= caches:
+        reduce = {"num_hidden_layers": config.num_hidden_layers,
+                  "n_routed_experts": config.n_routed_experts, "hidden_size": config.hidden_size}
+    else:
+        reduce = {"max_num_seqs": config.max_num_seqs, "max_seq_len": config.max_seq_len,
+                  "num_hidden_layers": config.num_hidden_layers}
+    return MemoryEstimate(params, caches, reduce)
 
 
 def build(**node: Any) -> ModelBundle:

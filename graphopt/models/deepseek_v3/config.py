@@ -137,6 +137,34 @@ class DeepseekV3Config:
         return scale
 
 
+def parameter_count(c: DeepseekV3Config) -> int:
+    """Values in the parameters :class:`~.modeling.DeepseekV3ForCausalLM` creates for `c`
+    (the RoPE tables are buffers, derived, and not counted)."""
+    h, heads = c.hidden_size, c.num_attention_heads
+    if c.q_lora_rank is None:
+        attn = h * heads * c.qk_head_dim
+    else:
+        attn = h * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * heads * c.qk_head_dim
+    attn += (h * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank
+             + c.kv_lora_rank * heads * (c.qk_nope_head_dim + c.v_head_dim)
+             + heads * c.v_head_dim * h)
+    dense = 3 * h * c.intermediate_size
+    e, mi = c.n_routed_experts, c.moe_intermediate_size
+    moe = h * e + e + 3 * e * h * mi + 3 * h * mi * c.n_shared_experts
+    # is_moe_layer's count in closed form: multiples of moe_layer_freq in [k, layers)
+    last, k, f = c.num_hidden_layers - 1, c.first_k_dense_replace, c.moe_layer_freq
+    n_moe = max(0, last // f - (k - 1) // f) if last >= k else 0
+    layers = c.num_hidden_layers * (attn + 2 * h) + n_moe * moe \
+        + (c.num_hidden_layers - n_moe) * dense
+    return layers + 2 * c.vocab_size * h + h  # + embedding, lm_head, final norm
+
+
+def cache_values(c: DeepseekV3Config) -> int:
+    """Values in the latent caches: one per layer, ``[max_num_seqs + 1, max_seq_len, latent]``
+    (the extra slot is the scratch slot padding tokens write to)."""
+    return c.num_hidden_layers * (c.max_num_seqs + 1) * c.max_seq_len * c.latent_dim
+
+
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN attention-temperature factor: ``0.1 * mscale * ln(scale) + 1`` (1 if scale <= 1)."""
     if scale <= 1.0:
