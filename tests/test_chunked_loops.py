@@ -1,5 +1,6 @@
-"""Loops with lists in real serving code (FastDeploy's chunked MoE), end to end. Known to fail
-today; strict xfail, so the day it passes the marker must go and the goal be claimed."""
+"""Loops with lists in serving code nobody wrote for graphopt: FastDeploy's chunked MoE
+(tests/chunked_models.py: the chunk count from a host tensor, a ``while`` appending each chunk's
+output to a list, ``paddle.concat`` after it), through the flagship pipeline unedited."""
 
 from __future__ import annotations
 
@@ -7,20 +8,41 @@ import pytest
 from omegaconf import OmegaConf
 
 from graphopt.driver import optimize
+from graphopt.errors import PassError
 from tests.conftest import compose_cfg
+from tests.report_checks import assert_numerics_within
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "two problems, found 2026-12-03: (1) the traced program has static token shapes (the trace "
-    "batch's 5 tokens in every pd_op.data), so other token counts cannot run; (2) the hoist "
-    "pass copies the loop into the host prologue and the hoisted first loop condition comes "
-    "out False for 7 tokens (2 chunks): the kept-together loop segment runs 0 iterations and "
-    "concatenating the empty list fails in check_numerics. piecewise-split itself now keeps "
-    "the list with its loop (tests/test_piecewise_split.py)"))
-def test_a_chunked_moe_with_a_list_verifies_through_the_flagship_pipeline(tmp_path):
-    cfg = compose_cfg("pipeline=cudagraph", "verify.steps=6")
+def _cfg(form: str, *overrides: str):
+    cfg = compose_cfg(*overrides)
     cfg.model = OmegaConf.create({"_target_": "tests.chunked_models.build", "name": "chunked",
-                                  "form": "seed"})
-    report = optimize(cfg, run_dir=tmp_path)
-    assert report["verified"] and report["hazards"]["after"] == 0
-    assert report["replay"]["mismatches"] == 0
+                                  "form": form})
+    return cfg
+
+
+@pytest.mark.parametrize("form", ["fd2026", "seed"])
+def test_a_chunked_moe_with_a_list_verifies_through_the_flagship_pipeline(tmp_path, form):
+    """The loop (and the list it fills) is one eager segment; its trip count's first test is
+    hoisted like an if condition; nothing of the loop rides along in the host prologue."""
+    report = optimize(_cfg(form, "pipeline=cudagraph"), run_dir=tmp_path)
+    assert report["graph_breaks"]["before"] > 0 and report["graph_breaks"]["after"] == 0
+    assert report["hazards"]["before"] > 0 and report["hazards"]["after"] == 0
+    assert report["replay"]["steps"] >= 20 and report["replay"]["mismatches"] == 0
+    assert_numerics_within(report)
+    assert report["verified"] is True
+    marked = {m["function"] for m in report["marked"]}
+    assert "tests.chunked_models.ChunkedMLP.forward" in marked
+    # one uncaptured segment per layer holds the loop and its list (the other eager ones are
+    # the attention ifs); everything else is captured
+    seg = report["segments"]
+    assert seg["eager"] - seg["eager_control_flow"] == 2  # num_layers=2
+    assert seg["captured_host_runtime_values"] == 0 and seg["coverage"] > 0.8
+
+def test_a_chunked_moe_as_one_full_graph_is_one_line_naming_the_loop():
+    with pytest.raises(PassError) as info:
+        optimize(_cfg("seed", "pipeline=full_graph", "full_cuda_graph=true"))
+    msg = str(info.value)
+    assert "\n" not in msg and len(msg) < 500
+    assert "loop(s) run a number of times known only as they run (pd_op.while at " \
+           "tests/chunked_models.py:" in msg
+    assert "pipeline=cudagraph full_cuda_graph=false" in msg

@@ -122,3 +122,20 @@ def test_dead_code_removal_keeps_in_place_writes():
     remove_dead_ops(main.global_block())
     after = op_sequence(main)
     assert "pd_op.assign_out_" in after and "pd_op.scale" not in after
+
+
+def test_dead_code_removal_drops_a_loop_whose_list_nobody_reads():
+    """A loop appending to a list (``pd_op.array_write_`` writes the array in place) is dead
+    once nothing reads the list: the prologue hoisting a chunked MoE's trip count must not
+    carry the loop, and the model before it, along. While the list is read, the loop stays."""
+    from graphopt.ir.pir_utils import remove_outputs
+    from tests import programs as P
+
+    built = P.build_chunked_loop_program()
+    kept = built.program.clone()
+    remove_dead_ops(kept.global_block(), keep_inputs=False)
+    assert "pd_op.while" in op_sequence(kept)  # the output reads the list: live
+    dead = built.program.clone()
+    remove_outputs(dead)
+    remove_dead_ops(dead.global_block(), keep_inputs=False)
+    assert op_sequence(dead) == []

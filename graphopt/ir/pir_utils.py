@@ -355,13 +355,50 @@ def has_side_effects(op: paddle.pir.Operation) -> bool:
     return op.name().endswith("_") or op.num_results() == 0
 
 
+def _written_outer_values(op: paddle.pir.Operation) -> list[paddle.pir.Value] | None:
+    """The values defined outside `op` that it writes in place (an in-place op's operands; for
+    control flow, those of the in-place ops in its blocks), or None when `op` may act in a way
+    that is not a write into a value (an op without results)."""
+    inner: list[paddle.pir.Operation] = []
+    if op.num_regions() > 0:
+        for block in op.blocks():
+            for o in walk_ops(block):
+                inner.append(o)
+    own = {o.id() for o in inner}
+    written: list[paddle.pir.Value] = []
+    for o in [op, *inner]:
+        if o is not op and o.name() == "cf.yield":
+            continue
+        if o.num_results() == 0 and o.name() not in ("cf.yield",):
+            return None
+        if o.name().endswith("_"):
+            for v in o.operands_source():
+                d = v.get_defining_op() if v.initialized() else None
+                if d is None or d.id() not in own:
+                    written.append(v)
+    return written
+
+
+def _read_elsewhere(v: paddle.pir.Value, op: paddle.pir.Operation) -> bool:
+    """Whether `v` is a program input, or is used by an op that is neither `op` nor inside it:
+    then a write into it can be seen."""
+    d = v.get_defining_op() if v.initialized() else None
+    if d is None or d.name() in ("pd_op.data", "builtin.parameter"):
+        return True
+    own = {op.id()} | ({o.id() for b in op.blocks() for o in walk_ops(b)}
+                       if op.num_regions() > 0 else set())
+    return any(u.id() not in own for u in v.all_used_ops())
+
+
 def remove_dead_ops(block: paddle.pir.Block, keep_inputs: bool = True) -> int:
     """Remove ops of `block` whose results nobody uses (repeat until stable). Returns how many.
 
     Feeds (pd_op.data) and parameters are kept when `keep_inputs` (the runtime feeds by name);
     outputs and yields are always kept, and so is every op that may act through something other
-    than its results: in-place ops (``pd_op.set_value_``, a model's cache write whose result
-    nobody reads), ops without results, and control flow containing either.
+    than its results: an op without results, and an op that writes in place (itself, or
+    in-place ops in its blocks) into a value that can be seen: a program input (a model's cache
+    write whose result nobody reads) or a value some other op reads. A loop appending to a
+    list (``pd_op.array_write_``) whose list nobody reads any more is dead like any other op.
     """
     roots = INTERFACE_OPS if keep_inputs else frozenset({"builtin.shadow_output", "cf.yield"})
     removed = 0
@@ -369,9 +406,12 @@ def remove_dead_ops(block: paddle.pir.Block, keep_inputs: bool = True) -> int:
     while changed:
         changed = False
         for op in reversed(list(block.ops)):
-            if op.name() in roots or has_side_effects(op):
+            if op.name() in roots:
                 continue
             if any(has_uses(r) for r in op.results()):
+                continue
+            written = _written_outer_values(op)
+            if written is None or any(_read_elsewhere(v, op) for v in written):
                 continue
             block.remove_op(op)
             removed += 1

@@ -153,7 +153,14 @@ class SpecializeBranches(Pass):
                   "or a host input)"
             return PassResult(False, {"conditions": 0, "variants": 0, "reason": why})
         if undecided:
-            where = "; ".join(undecided[:3])
+            where = "; ".join(dict.fromkeys(undecided[:3]))
+            loops = [u for u in undecided if u.startswith("pd_op.while")]
+            if loops:  # a trip count is known only as the loop runs: no graph can hold it
+                raise PassError(
+                    f"{len(loops)} loop(s) run a number of times known only as they run "
+                    f"({'; '.join(dict.fromkeys(loops[:3]))}), so no variant can be one "
+                    "graph. Capture piecewise instead (pipeline=cudagraph full_cuda_graph="
+                    "false): the loop runs uncaptured between captured segments")
             raise PassError(
                 f"{len(undecided)} control-flow op(s) cannot be decided on the host before "
                 f"launch ({where}), so no variant can be if-free. Hoist their conditions, or "
