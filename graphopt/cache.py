@@ -414,7 +414,8 @@ def _trace_from_dict(d: dict[str, Any]) -> TraceInfo:
                      placeholder_runs=d.get("placeholder_runs", 0),
                      retraced=d.get("retraced", False),
                      host_bound_by_reference=list(d["host_bound_by_reference"]),
-                     frozen_inputs=list(d.get("frozen_inputs", [])))
+                     frozen_inputs=list(d.get("frozen_inputs", [])),
+                     inferred_host_inputs=list(d.get("inferred_host_inputs", [])))
 
 
 def link_entry(src: Path, dst: Path) -> None:

@@ -62,7 +62,7 @@ def token_count(forward_meta):
         forward_meta.token_num_cpu.set_value(count)
 
 
-def build(name="chunked", form="fd2026", seed=0, num_layers=2, hidden=32, vocab=64, max_num_seqs=4, max_seq_len=16):
+def build(name="chunked", form="fd2026", declare_host=True, seed=0, num_layers=2, hidden=32, vocab=64, max_num_seqs=4, max_seq_len=16):
     layer = Model(form, num_layers, hidden, vocab, max_seq_len)
     rng = np.random.default_rng(seed)
     for pname, p in layer.named_parameters():
@@ -72,7 +72,8 @@ def build(name="chunked", form="fd2026", seed=0, num_layers=2, hidden=32, vocab=
     return slot_model_bundle(name, layer, num_layers=num_layers, cache_width=fm.LATENT,
                              max_num_seqs=max_num_seqs, max_seq_len=max_seq_len, vocab_size=vocab,
                              max_prefill_len=4,
-                             host_inputs=("max_len_tensor_cpu", "token_num_cpu",
+                             host_inputs=("max_len_tensor_cpu",
+                                          *(("token_num_cpu",) if declare_host else ()),
                                           *(("needs_prefill", "needs_decode") if form == "seed" else ())),
                              prepare_meta=(lambda m: (token_count(m), fm.set_branch_flags(m)))
                              if form == "seed" else token_count)

@@ -13,10 +13,10 @@ from tests.conftest import compose_cfg
 from tests.report_checks import assert_numerics_within
 
 
-def _cfg(form: str, *overrides: str):
+def _cfg(form: str, *overrides: str, **model):
     cfg = compose_cfg(*overrides)
     cfg.model = OmegaConf.create({"_target_": "tests.chunked_models.build", "name": "chunked",
-                                  "form": form})
+                                  "form": form, **model})
     return cfg
 
 
@@ -46,3 +46,15 @@ def test_a_chunked_moe_as_one_full_graph_is_one_line_naming_the_loop():
     assert "loop(s) run a number of times known only as they run (pd_op.while at " \
            "tests/chunked_models.py:" in msg
     assert "pipeline=cudagraph full_cuda_graph=false" in msg
+
+
+def test_a_host_tensor_the_model_does_not_declare_is_still_a_host_input(tmp_path):
+    """``token_num_cpu`` left out of the bundle's host_inputs: its name says host, so its host
+    work on the captured path is a hazard (hoisted), and the report says it was inferred."""
+    report = optimize(_cfg("seed", "pipeline=cudagraph", declare_host=False), run_dir=tmp_path)
+    declared = optimize(_cfg("seed", "pipeline=cudagraph"), run_dir=tmp_path / "declared")
+    assert report["hazards"]["before"] == declared["hazards"]["before"] > 0
+    assert report["hazards"]["after"] == 0 and report["verified"] is True
+    (warning,) = [w for w in report["warnings"] if "host_inputs" in w]
+    assert warning.startswith("meta.token_num_cpu: host tensor(s) the model does not list")
+    assert not [w for w in declared["warnings"] if "does not list" in w]

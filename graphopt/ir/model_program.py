@@ -96,6 +96,10 @@ class TraceInfo:
     #: tensor inputs of the traced graph that are neither step arguments, forward-meta fields nor
     #: the model's parameters or buffers (``const.0 [4, 8] float32``): frozen at trace time
     frozen_inputs: list[str] = field(default_factory=list)
+    #: meta fields the model does not list in ``host_inputs`` that are host tensors all the
+    #: same (FastDeploy's ``*_cpu`` naming, or a CPU tensor on a CUDA build): treated as host
+    #: inputs, so their reads on the captured path count as replay hazards
+    inferred_host_inputs: list[str] = field(default_factory=list)
 
     def break_sites(self) -> list[dict[str, Any]]:
         """Distinct places the graph broke (innermost user frame), with how often SOT said so."""
@@ -123,6 +127,7 @@ class TraceInfo:
             "placeholder_runs": self.placeholder_runs,
             "retraced": self.retraced,
             "host_bound_by_reference": list(self.host_bound_by_reference),
+            "inferred_host_inputs": list(self.inferred_host_inputs),
             "frozen_inputs": list(self.frozen_inputs),
         }
 

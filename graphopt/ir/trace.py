@@ -508,6 +508,15 @@ def _trace_once(mp: ModelProgram, batch: StepBatch, *, optimistic: bool) -> Any:
     return outs
 
 
+def _is_host_tensor(path: str, tensor: paddle.Tensor) -> bool:
+    """A meta tensor that lives on the host: named the way FastDeploy names them
+    (``max_len_tensor_cpu``, ``seq_lens_this_time_cpu``), or on the CPU in a CUDA build (in a
+    CPU build every tensor is on the CPU, so only the name can tell)."""
+    if path.rsplit(".", 1)[-1].endswith("_cpu"):
+        return True
+    return bool(paddle.is_compiled_with_cuda()) and tensor.place.is_cpu_place()
+
+
 def _adopt_program(mp: ModelProgram, wrapper: Any, inputs: tuple, batch: StepBatch) -> None:
     """Clone SOT's program and rename/convert its inputs (see module docstring)."""
     cp = wrapper.concrete_program
@@ -565,3 +574,12 @@ def _adopt_program(mp: ModelProgram, wrapper: Any, inputs: tuple, batch: StepBat
     mp.trace.host_bound_by_reference = sorted(by_reference)
     mp.trace.frozen_inputs = frozen
     mp.host_inputs = [f"meta.{h}" for h in mp.model.host_inputs]
+    # placement from the tensors themselves, not only the declaration: a host tensor the model
+    # forgot to list would otherwise count as a device value, and its host work on the
+    # captured path would not be a hazard (on a GPU it is frozen at capture)
+    declared = set(mp.model.host_inputs)
+    fed = {op.attrs()["name"] for op in program.global_block().ops if op.name() == "pd_op.data"}
+    inferred = sorted(path for path, t in meta_fields.items()
+                      if path not in declared and f"meta.{path}" in fed and _is_host_tensor(path, t))
+    mp.host_inputs += [f"meta.{path}" for path in inferred]
+    mp.trace.inferred_host_inputs = inferred

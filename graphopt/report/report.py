@@ -110,6 +110,12 @@ def build_report(cfg: Any, pipeline: dict[str, Any], mp: ModelProgram,
             + " by reference (builtin.parameter): replacing them between steps is silently not "
             "seen by Paddle itself; graphopt feeds them by value every step."
         )
+    if mp.trace.inferred_host_inputs:
+        fields = ", ".join(f"meta.{f}" for f in mp.trace.inferred_host_inputs)
+        warnings.append(
+            f"{fields}: host tensor(s) the model does not list in its bundle's host_inputs "
+            "(named *_cpu, or on the CPU in a CUDA build); treated as host inputs, so host work "
+            "on them counts as a replay hazard. List them in host_inputs to say so yourself.")
     if mp.trace.frozen_inputs:
         warnings.append(
             f"{len(mp.trace.frozen_inputs)} tensor input(s) of the traced step are neither step "
