@@ -1,4 +1,4 @@
-"""The piecewise runner and the CUDA-graph replay emulator (see README, "What runs where").
+"""The piecewise runner and the CUDA-graph replay emulator (see docs/design.md, "What runs where").
 
 The emulator freezes, at capture, the host values a captured segment computes; replays reuse
 them. So the seed's bug is reproducible on CPU: without hoisting, ``cast(slice(max_len))`` sits
