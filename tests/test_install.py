@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import site
 import subprocess
 import sys
 import venv
@@ -24,7 +25,12 @@ def test_wheel_runs_beside_a_users_own_conf_and_models(tmp_path):
         (project / pkg).mkdir(parents=True)
         (project / pkg / "__init__.py").write_text(f"NAME = 'the user project own {pkg}'\n")
     (project / "conf" / "config.yaml").write_text("not_graphopt: true\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "GLOG_minloglevel": "2"}
+    # the test's own site-packages too: when it runs in a virtual environment, Paddle and Hydra
+    # live there, not in the base interpreter the new venv sees (an editable graphopt there is
+    # a .pth hook, which PYTHONPATH entries do not run: the wheel's copy stays the one found)
+    outer = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    env = {**os.environ, "GLOG_minloglevel": "2",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), *outer])}
     probe = subprocess.run(
         [str(python), "-c", "import conf, models, graphopt; "
          "print(conf.NAME, models.NAME, graphopt.__file__, sep='|')"],
