@@ -347,14 +347,6 @@ def has_uses(value: paddle.pir.Value) -> bool:
     return len(value.all_used_ops()) > 0
 
 
-def has_side_effects(op: paddle.pir.Operation) -> bool:
-    """Whether `op` may change state other than its own results (so it is never dead)."""
-    if op.num_regions() > 0:  # control flow: only as effectful as what its blocks do
-        return any(has_side_effects(inner) for block in op.blocks() for inner in block.ops
-                   if inner.name() != "cf.yield")
-    return op.name().endswith("_") or op.num_results() == 0
-
-
 def _written_outer_values(op: paddle.pir.Operation) -> list[paddle.pir.Value] | None:
     """The values defined outside `op` that it writes in place (an in-place op's operands; for
     control flow, those of the in-place ops in its blocks), or None when `op` may act in a way
@@ -367,9 +359,9 @@ def _written_outer_values(op: paddle.pir.Operation) -> list[paddle.pir.Value] | 
     own = {o.id() for o in inner}
     written: list[paddle.pir.Value] = []
     for o in [op, *inner]:
-        if o is not op and o.name() == "cf.yield":
+        if o.name() == "cf.yield":  # a block's terminator: hands values to `op`, no effect
             continue
-        if o.num_results() == 0 and o.name() not in ("cf.yield",):
+        if o.num_results() == 0:
             return None
         if o.name().endswith("_"):
             for v in o.operands_source():
