@@ -289,6 +289,12 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> tuple[int, str]:
             raise
         code = 2 if isinstance(e, ConfigError) or isinstance(e.__cause__, ConfigError) else 1
         message = f"graphopt: error: {one_line(e)}"
+    except OSError as e:  # the disk filled, a mount went read-only: what, where, not a trace
+        if full:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        code, message = 1, (f"graphopt: error: cannot write{where}: {e.strerror or e} (free "
+                            "space or pick another hydra.run.dir / cache.dir)")
     finally:
         _forget_sot_info()
     print(message, file=sys.stderr)

@@ -15,6 +15,7 @@ import enum
 import importlib
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paddle
@@ -218,6 +219,8 @@ def validate(cfg: DictConfig) -> PassManager:
     check_builder(cfg.model)
     check_model(cfg.model)
     check_capture_sizes(cfg)
+    if cfg.cache.enabled:
+        check_cache_dir(str(cfg.cache.dir))
     if cfg.runtime.device == Device.cpu.value:
         # on a GPU the parameters live in device memory, which this check does not read
         check_memory(cfg.model)
@@ -231,6 +234,25 @@ def validate(cfg: DictConfig) -> PassManager:
                           "runtime.device=gpu too (runtime=gpu sets both)")
     return PassManager.from_config(list(cfg.pipeline.passes), cfg.pipeline.options,
                                    verify_each=cfg.verify_each)
+
+
+def check_cache_dir(directory: str) -> None:
+    """``cache.dir`` must be a directory this process can write (made if missing): a file, or a
+    directory on a read-only mount, would otherwise fail only after the trace."""
+    path = Path(os.path.expanduser(directory))
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"cache.dir={directory}: is a file, not a directory; give a "
+                          "directory (made if missing), or cache.enabled=false")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"cache.dir={directory}: {existing} is a file, so the directory "
+                          "cannot be made; give another path, or cache.enabled=false")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cache.dir={directory}: {existing} is not writable (a read-only "
+                          "mount, or its permissions); give a writable directory, or "
+                          "cache.enabled=false")
 
 
 def max_tokens(model: Any) -> int | None:

@@ -11,6 +11,8 @@ check after every program pass (:func:`bisect`) and names the first pass that br
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -129,9 +131,9 @@ def optimize(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, An
                     link_entry(Path(entry), run_dir / "compiled")
                 else:  # keyed like a cache entry: load() checks the key is its material's
                     material = cache_info.get("material") or _key_material(cfg, pm, mp.model)
-                    write_entry(run_dir / "compiled", cache_info.get("key") or
-                                cache_key(material), material, mp, report.passes,
-                                hazards_before)
+                    _write_entry_atomic(run_dir / "compiled", cache_info.get("key") or
+                                        cache_key(material), material, mp, report.passes,
+                                        hazards_before)
                 compiled = run_dir / "compiled" / "program.pir"
             report.artifacts = write_artifacts(mp, cfg, pipeline, run_dir, serialized=compiled)
             if compiled is not None:
@@ -283,6 +285,23 @@ def _key_material(cfg: DictConfig, pm: PassManager, bundle: ModelBundle) -> dict
     )
 
 
+def _write_entry_atomic(target: Path, key: str, material: dict[str, Any], mp: ModelProgram,
+                        records: list[Any], hazards_before: list[dict] | None) -> None:
+    """The run directory's ``compiled/`` entry, written beside it and renamed into place, so
+    a full disk leaves no half-written entry for ``load()`` to trip over."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".compiled-", dir=target.parent))
+    try:
+        write_entry(tmp, key, material, mp, records, hazards_before)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp made it 0700
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _builder(model: Any) -> Any:
     """The model's builder function (for its module's digest); None if it cannot be found."""
     module, _, attr = builder_path(model).rpartition(".")
@@ -328,11 +347,17 @@ def optimize_cached(
         return mp, records, entry.hazards_before, info
     mp, records, hazards_before = build_and_optimize(cfg, pm, rng, timings, bundle=bundle)
     if mp.program is not None:
-        with _timed(timings, "cache_store"):
-            stored = cache.store(key, material, mp, [r.to_dict() for r in records],
-                                 hazards_before, replace=info["status"] == "rebuilt")
-        info["stored"] = stored
-        info["entry"] = str(cache.path(key))  # ours, or an identical one a peer wrote first
+        try:
+            with _timed(timings, "cache_store"):
+                stored = cache.store(key, material, mp, [r.to_dict() for r in records],
+                                     hazards_before, replace=info["status"] == "rebuilt")
+        except OSError as e:  # a full disk: the run is still good, only not cached
+            print(f"graphopt: warning: cache entry {key} not stored in {cache.dir} "
+                  f"({e.strerror or e}); the run goes on uncached", file=sys.stderr)
+            info["stored"], info["store_error"] = False, str(e.strerror or e)
+        else:
+            info["stored"] = stored
+            info["entry"] = str(cache.path(key))  # ours, or an identical one a peer wrote
     info["material"] = material
     return mp, records, hazards_before, info
 

@@ -56,6 +56,11 @@ def resolve_entry(source: str | os.PathLike, cache_dir: str | os.PathLike | None
     for candidate in (path, path / RUN_DIR_ENTRY):
         if (candidate / "entry.json").is_file():
             return candidate
+    if (path / "report.json").is_file():  # a run directory, but nothing to serve in it
+        raise CacheError(f"{source}: a run directory without a {RUN_DIR_ENTRY}/ entry: its run "
+                         "kept no single optimized program (pipeline=none, or the step stayed "
+                         "several SOT graphs); run a pipeline that makes one, e.g. "
+                         "pipeline=cudagraph")
     cache = CompileCache(cache_dir or "~/.cache/graphopt")
     keyed = cache.path(str(source))
     if (keyed / "entry.json").is_file():

@@ -562,3 +562,75 @@ def test_python_m_graphopt_runs_tiny_and_warns_of_an_ignored_cache_dir(tmp_path)
     assert f"graphopt: run directory {run_dir}" in r.stdout
     assert "cache.enabled=true" in (run_dir / "cli.log").read_text()
     assert not cache_dir.exists()
+
+
+# -- the cache directory and the disk (issue 20) -------------------------------------------------
+def test_cache_dir_that_is_a_file_is_one_line_before_any_build(tmp_path):
+    a_file = tmp_path / "cache"
+    a_file.write_text("not a directory")
+    err = cli.preflight(["model=tiny", "cache.enabled=true", f"cache.dir={a_file}",
+                         f"hydra.run.dir={tmp_path / 'run'}"])
+    assert_one_line(err or "", f"cache.dir={a_file}: is a file, not a directory")
+    below = a_file / "sub"
+    err = cli.preflight(["model=tiny", "cache.enabled=true", f"cache.dir={below}",
+                         f"hydra.run.dir={tmp_path / 'run'}"])
+    assert_one_line(err or "", f"cache.dir={below}: {a_file} is a file")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cache_dir_on_a_read_only_mount_is_one_line(tmp_path, monkeypatch):
+    """Root can write anywhere but a read-only mount, which access(2) reports: stand in for it."""
+    import os as _os
+
+    real = _os.access
+    monkeypatch.setattr(_os, "access", lambda p, mode: False if str(p).startswith(
+        str(tmp_path / "ro")) else real(p, mode))
+    (tmp_path / "ro").mkdir()
+    err = cli.preflight(["model=tiny", "cache.enabled=true", f"cache.dir={tmp_path / 'ro'}",
+                         f"hydra.run.dir={tmp_path / 'run'}"])
+    assert_one_line(err or "", "is not writable (a read-only mount, or its permissions)")
+
+
+def test_a_full_disk_is_one_warning_for_the_cache_and_one_line_for_the_run(tmp_path,
+                                                                          monkeypatch, capsys):
+    """ENOSPC while storing the cache entry: the run goes on uncached. ENOSPC while writing the
+    run directory's compiled/ entry: one line, exit 1, and no half-written compiled/ left."""
+    import errno
+
+    from graphopt import cache as cache_mod
+    from graphopt import driver
+
+    def full(path, *args, **kwargs):
+        (path / "program.pir").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path / "program.pir"))
+
+    monkeypatch.setattr(cache_mod, "write_entry", full)
+    cfg = compose_cfg("model=tiny", "cache.enabled=true", f"cache.dir={tmp_path / 'cache'}",
+                      "verify.steps=2")
+    capsys.readouterr()
+    report = driver.optimize(cfg, run_dir=tmp_path / "run")
+    err = capsys.readouterr().err
+    assert report["verified"] and report["cache"]["stored"] is False
+    (line,) = [ln for ln in err.splitlines() if "not stored" in ln]
+    assert "No space left on device" in line and "uncached" in line
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # no temporary left
+
+    monkeypatch.setattr(driver, "write_entry", full)
+    code, message = cli.run(compose_cfg("model=tiny", "verify.steps=2"), tmp_path / "run2")
+    assert code == 1 and "\n" not in message
+    assert message.startswith("graphopt: error: cannot write ") and "No space left" in message
+    assert not (tmp_path / "run2" / "compiled").exists()
+    assert not [p for p in (tmp_path / "run2").iterdir() if p.name.startswith(".compiled-")]
+
+
+def test_load_of_a_run_dir_without_an_entry_says_why(tmp_path):
+    from graphopt.cache import CacheError
+    from graphopt.driver import optimize
+    from graphopt.serving import load
+
+    optimize(compose_cfg("model=tiny", "pipeline=none", "verify.steps=2"), run_dir=tmp_path)
+    with pytest.raises(CacheError) as info:
+        load(tmp_path)
+    msg = str(info.value)
+    assert "\n" not in msg and "a run directory without a compiled/ entry" in msg
+    assert "pipeline=cudagraph" in msg
