@@ -35,20 +35,29 @@ def plan_like_dsv3(layers: int) -> SegmentPlan:
                        captured_compute_ops=99)
 
 
-def test_61_layers_fold_into_four_rows(tmp_path):
+def test_61_layers_fold_into_three_rows(tmp_path):
     plan = plan_like_dsv3(61)
     rows = layer_rows(plan.segments, 61)
-    assert [label.split("\n")[0] for label, _ in rows] == [
-        "layer 0", "layer 1", "layers 2–60", "after the"]
-    assert "59× identical" in rows[2][0]
+    # a row: the layer's ifs and the run after them (mostly its MLP); the first also holds the
+    # embedding, the last the model's tail
+    assert [label.split("\n")[0] for label, _ in rows] == ["layer 0", "layers 1–59", "layer 60"]
+    assert "59× identical" in rows[1][0]
+    first_ops = [s.ops[0] for s in rows[0][1]]
+    assert first_ops == ["pd_op.embedding", "pd_op.if", "pd_op.if", "pd_op.matmul"]
+    assert rows[1][1][0].is_branching and rows[2][1][-1].ops[0] == "pd_op.rms_norm"
+    # each label names the segment numbers it stands for: the folded row covers the jump
+    numbers = [label.rsplit("\n", 1)[1] for label, _ in rows]
+    assert numbers[0] == "#0–#9" and numbers[1].startswith("#12–") and \
+        numbers[2].endswith(f"#{max(s.id for s in plan.walk())}")
     assert layer_rows(plan.segments, 7) == []  # 122 ifs are not 7 layers' worth: no rows
     png = draw_plan(plan, tmp_path / "s.png", num_layers=61)
     svg = draw_plan(plan, tmp_path / "s.svg", num_layers=61)
     assert png.stat().st_size > 10_000
     text = svg.read_text()
-    for needle in ("layer 0", "layers 2–60", "captured: one CUDA graph per capture size",
-                   "pd_op.if: the host picks the branch"):
+    for needle in ("layer 0", "layers 1–59", "captured: one CUDA graph per capture size",
+                   "pd_op.if: the host picks the branch", "empty branch"):
         assert needle in text, needle
+    assert "eager: runs uncaptured" not in text  # no eager segment but the ifs: not in legend
     assert text.count("pd_op.if #") == 6  # 3 rows of 2 ifs drawn, not 122
 
 

@@ -244,12 +244,25 @@ class _Drawer:
         return h
 
 
+def _ids(segs: Sequence[Segment]) -> list[int]:
+    """The ids of `segs` and of every segment nested in their branches."""
+    out: list[int] = []
+    for s in segs:
+        out.append(s.id)
+        for branch in s.branches.values():
+            out.extend(_ids(branch))
+    return out
+
+
 def layer_rows(top: Sequence[Segment], num_layers: int | None) -> list[tuple[str, list[Segment]]]:
     """The top-level segments cut into one row per layer, identical neighbours folded.
 
-    A layer's row runs from just after the previous layer's last ``if`` to its own last ``if``:
-    it starts with the captured run that leads into the layer (which also ends the previous
-    one). Empty when the ``if`` count is not a multiple of `num_layers` (no layer structure).
+    A layer's row holds its ``if``s and the captured run after its last one: that run is
+    mostly the layer's own MLP (it also starts the next layer, up to that layer's first
+    ``if``: a captured segment cannot be cut in two); the first row also holds the lead-in
+    (embedding), the last the model's tail (norm, head). Each label gives the segment numbers
+    the row stands for, so a folded row explains the jump to the next row's numbers. Empty
+    when the ``if`` count is not a multiple of `num_layers` (no layer structure).
     """
     ifs = [i for i, s in enumerate(top) if s.is_branching]
     if not num_layers or not ifs or len(ifs) % num_layers:
@@ -259,6 +272,10 @@ def layer_rows(top: Sequence[Segment], num_layers: int | None) -> list[tuple[str
     start = 0
     for layer in range(num_layers):
         end = ifs[(layer + 1) * per - 1] + 1
+        if layer == num_layers - 1:
+            end = len(top)
+        elif end < len(top) and not top[end].is_branching:
+            end += 1  # the run after the layer's last if: its MLP (and the next one's start)
         rows.append((layer, list(top[start:end])))
         start = end
     folded: list[tuple[str, list[Segment]]] = []
@@ -268,13 +285,13 @@ def layer_rows(top: Sequence[Segment], num_layers: int | None) -> list[tuple[str
         sig = [_signature(s) for s in rows[i][1]]
         while j + 1 < len(rows) and [_signature(s) for s in rows[j + 1][1]] == sig:
             j += 1
+        ids = _ids([s for _, segs in rows[i:j + 1] for s in segs])
+        numbers = f"#{min(ids)}–#{max(ids)}" if ids else ""
         first, last = rows[i][0], rows[j][0]
-        label = (f"layer {first}" if i == j else
-                 f"layers {first}–{last}\n{j - i + 1}× identical\n(drawn once)")
+        label = (f"layer {first}\n{numbers}" if i == j else
+                 f"layers {first}–{last}\n{j - i + 1}× identical\n(drawn once)\n{numbers}")
         folded.append((label, rows[i][1]))
         i = j + 1
-    if top[start:]:
-        folded.append(("after the\nlast layer", list(top[start:])))
     return folded
 
 
@@ -286,16 +303,34 @@ _LEGEND = (
 )
 
 
-def _legend(ax: Any, x: float, y: float, width: float) -> float:
-    """Draw the legend in one or two lines from `y`; return its height."""
+def _used(segs: Sequence[Segment], out: set[int] | None = None) -> set[int]:
+    """Which legend entries (indices into _LEGEND) the drawing of `segs` uses."""
+    out = set() if out is None else out
+    for s in segs:
+        if s.is_branching:
+            out.add(2)
+            for branch in s.branches.values():
+                if branch:
+                    _used(branch, out)
+                else:
+                    out.add(3)
+        else:
+            out.add(0 if s.kind == CAPTURED else 1)
+    return out
+
+
+def _legend(ax: Any, x: float, y: float, width: float, used: set[int] | None = None) -> float:
+    """Draw the legend entries the picture uses (all when `used` is None) in one or two lines
+    from `y`; return its height."""
+    entries = [e for k, e in enumerate(_LEGEND) if used is None or k in used]
     col = width / 2
-    for i, (face, edge, dashed, text) in enumerate(_LEGEND):
+    for i, (face, edge, dashed, text) in enumerate(entries):
         lx, ly = x + (i % 2) * col, y + (i // 2) * 0.45
         ax.add_patch(FancyBboxPatch((lx, ly), 0.35, 0.3, boxstyle="round,pad=0.01",
                                     facecolor=face, edgecolor=edge,
                                     linestyle="--" if dashed else "-"))
         ax.text(lx + 0.45, ly + 0.15, text, va="center", fontsize=7)
-    return 0.95
+    return 0.5 + 0.45 * ((len(entries) - 1) // 2)
 
 
 def draw_plan(plan: SegmentPlan, path: Path, max_segments: int = 24, tail: int = 3,
@@ -330,7 +365,7 @@ def draw_plan(plan: SegmentPlan, path: Path, max_segments: int = 24, tail: int =
     drawer = _Drawer(ax, conditions)
     _title(ax, plan, width / 2)
     y = 0.6
-    y += _legend(ax, 0, y, width)
+    y += _legend(ax, 0, y, width, _used([*head, *rest]))
     y += drawer.segments(head, 0, y, width) + _GAP
     if elided:
         drawer._box(0, y, width, elide_h, "#ffffff", _GREY_EDGE, _describe_elided(elided), 8,
@@ -372,7 +407,7 @@ def _draw_rows(plan: SegmentPlan, rows: list[tuple[str, list[Segment]]], path: P
     drawer = _Drawer(ax, conditions)
     _title(ax, plan, (width - _GUTTER) / 2)
     y = 0.6
-    y += _legend(ax, -_GUTTER, y, width + _GUTTER)
+    y += _legend(ax, -_GUTTER, y, width + _GUTTER, _used([s for _, segs in rows for s in segs]))
     for i, ((label, segs), h) in enumerate(zip(rows, heights, strict=True)):
         band = "#f3f3f3" if i % 2 == 0 else "#ffffff"
         ax.add_patch(Rectangle((-_GUTTER, y - _GAP / 2), width + _GUTTER + 0.1, h + _GAP,
