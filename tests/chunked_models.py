@@ -2,6 +2,7 @@
 FastDeploy's ``forward_chunked_moe`` does: the chunk count from a host tensor holding the step's
 token count, a ``while`` loop appending each chunk's output to a Python list, ``paddle.concat``
 after it. The attention is one of tests/fastdeploy_models.py's forms."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,16 +42,19 @@ class Block(fm.Block):
         self.mlp = ChunkedMLP(hidden)
 
     def forward(self, hidden_states, cache, *attn_inputs):
-        attn_out, new_cache = self.self_attn(self.input_layernorm(hidden_states), cache, *attn_inputs)
+        attn_out, new_cache = self.self_attn(self.input_layernorm(hidden_states), cache,
+                                             *attn_inputs)
         hidden_states = hidden_states + attn_out
         forward_meta = attn_inputs[-1]
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), forward_meta), new_cache
+        mlp = self.mlp(self.post_attention_layernorm(hidden_states), forward_meta)
+        return hidden_states + mlp, new_cache
 
 
 class Model(fm.FDDeepseek):
     def __init__(self, form, num_layers, hidden, vocab, max_seq_len):
         super().__init__(form, num_layers, hidden, vocab, max_seq_len)
-        self.layers = nn.LayerList([Block(fm.FORMS[form], hidden, max_seq_len) for _ in range(num_layers)])
+        self.layers = nn.LayerList([Block(fm.FORMS[form], hidden, max_seq_len)
+                                    for _ in range(num_layers)])
 
 
 def token_count(forward_meta):
@@ -62,18 +66,26 @@ def token_count(forward_meta):
         forward_meta.token_num_cpu.set_value(count)
 
 
-def build(name="chunked", form="fd2026", declare_host=True, seed=0, num_layers=2, hidden=32, vocab=64, max_num_seqs=4, max_seq_len=16):
+def seed_runner(forward_meta):
+    """The seed form's runner: the token count and the branch flags, before each step."""
+    token_count(forward_meta)
+    fm.set_branch_flags(forward_meta)
+
+
+def build(name="chunked", form="fd2026", declare_host=True, seed=0, num_layers=2, hidden=32,
+          vocab=64, max_num_seqs=4, max_seq_len=16):
+    """The glue a user writes. `declare_host=False` leaves ``token_num_cpu`` out of the host
+    inputs, as a user may forget to list it."""
     layer = Model(form, num_layers, hidden, vocab, max_seq_len)
     rng = np.random.default_rng(seed)
     for pname, p in layer.named_parameters():
         if not pname.endswith("weight") or "norm" not in pname:
             p.set_value(rng.normal(0.0, 0.3, size=p.shape).astype(np.float32))
     layer.eval()
+    host = ["max_len_tensor_cpu"] + (["token_num_cpu"] if declare_host else [])
+    if form == "seed":
+        host += ["needs_prefill", "needs_decode"]
     return slot_model_bundle(name, layer, num_layers=num_layers, cache_width=fm.LATENT,
                              max_num_seqs=max_num_seqs, max_seq_len=max_seq_len, vocab_size=vocab,
-                             max_prefill_len=4,
-                             host_inputs=("max_len_tensor_cpu",
-                                          *(("token_num_cpu",) if declare_host else ()),
-                                          *(("needs_prefill", "needs_decode") if form == "seed" else ())),
-                             prepare_meta=(lambda m: (token_count(m), fm.set_branch_flags(m)))
-                             if form == "seed" else token_count)
+                             max_prefill_len=4, host_inputs=tuple(host),
+                             prepare_meta=seed_runner if form == "seed" else token_count)
