@@ -218,8 +218,25 @@ class MLAUnsupported(MLABase):
         return self.o_proj(parts), new_cache
 
 
+class MLAReturns(MLABase):
+    """Both arms of an inline-condition Tensor ``if`` return (no variable outlives the if)."""
+
+    def forward(self, hidden_states, cache, write_index, slot_ids, attn_bias, prefill_mask,
+                decode_mask, forward_meta):
+        query_nope, query_pe, kv_ctx, new_cache = self.project(
+            hidden_states, cache, write_index, slot_ids, prefill_mask, decode_mask)
+        if forward_meta.max_len_tensor_cpu[1] > 0:
+            out = merge_prefill_decode_output(
+                self.prefill(query_nope, query_pe, kv_ctx, attn_bias),
+                self.decode(query_nope, query_pe, kv_ctx, attn_bias), prefill_mask, decode_mask)
+            return self.o_proj(out), new_cache
+        else:
+            return self.o_proj(self.decode(query_nope, query_pe, kv_ctx, attn_bias)), new_cache
+
+
 FORMS = {"fd2025": MLA2025, "fd2026": MLA2026, "seed": MLASeed, "mask_both": MLAMaskBoth,
-         "token_shape": MLATokenShape, "unsupported": MLAUnsupported}
+         "token_shape": MLATokenShape, "unsupported": MLAUnsupported,
+         "returns": MLAReturns}
 
 
 class Block(nn.Layer):

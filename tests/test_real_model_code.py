@@ -39,7 +39,8 @@ def _sha(path: str) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-@pytest.mark.parametrize("form", ["fd2025", "fd2026", "seed", "mask_both", "token_shape"])
+@pytest.mark.parametrize("form", ["fd2025", "fd2026", "seed", "mask_both", "token_shape",
+                                  "returns"])
 def test_fastdeploy_shapes_through_the_flagship_pipeline(form, tmp_path):
     source_before = _sha(MODEL_FILE)
     originals = {name: cls.forward for name, cls in fm.FORMS.items()}

@@ -411,6 +411,21 @@ def remove_dead_ops(block: paddle.pir.Block, keep_inputs: bool = True) -> int:
     return removed
 
 
+def remove_dead_code(program: paddle.pir.Program) -> int:
+    """:func:`remove_dead_ops` in every block of `program`, nested blocks too, until nothing
+    more goes (a value read only by dead ops in a branch is dead in the block around it).
+    Returns how many ops went. Inputs, outputs and terminators stay."""
+    removed = 0
+    while True:
+        blocks = [op_block for op in walk_ops(program.global_block()) if op.num_regions()
+                  for op_block in op.blocks()]
+        n = sum(remove_dead_ops(b) for b in reversed(blocks))
+        n += remove_dead_ops(program.global_block())
+        removed += n
+        if not n:
+            return removed
+
+
 def remove_outputs(program: paddle.pir.Program) -> None:
     """Drop every builtin.shadow_output (before giving a program new outputs)."""
     block = program.global_block()

@@ -59,6 +59,7 @@ from graphopt.ir.pir_utils import (
     clone_program_with_mapping,
     op_count,
     release_native_memory,
+    remove_dead_code,
 )
 from graphopt.ir.sources import user_frames
 from graphopt.models.base import StepBatch, meta_tensor_fields
@@ -569,6 +570,10 @@ def _adopt_program(mp: ModelProgram, wrapper: Any, inputs: tuple, batch: StepBat
         new_value.replace_all_uses_with(data)
         program.global_block().remove_op(op)
 
+    # what the step computes and never uses goes before anything reads the program: Paddle's
+    # dy2static recomputes an inline if-condition inside both arms of an if that returns, and
+    # that dead host work would count as replay hazards inside the branches
+    remove_dead_code(program)
     mp.program = program
     mp.params = params
     mp.trace.host_bound_by_reference = sorted(by_reference)
